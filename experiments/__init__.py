@@ -1,0 +1,1 @@
+"""Research code: the Optuna search."""

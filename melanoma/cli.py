@@ -1,0 +1,167 @@
+"""The ``melanoma`` command: train, search, register, evaluate, audit, bench, demo-data.
+
+Thin: parse arguments, call the library, print results, choose the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from melanoma.config import TrainConfig, add_config_arguments, config_from_args
+
+
+def use_default_experiment(name: str) -> None:
+    """Put runs in ``name`` unless `mlflow run` or the environment already chose an experiment."""
+    import mlflow
+
+    if not {"MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"} & set(os.environ):
+        mlflow.set_experiment(name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from melanoma.pipeline import run_training
+
+    cfg = config_from_args(args)
+    use_default_experiment(args.experiment)
+    with mlflow.start_run(run_name=args.run_name) as run:
+        summary = run_training(cfg)
+    print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from experiments.search import search_from_args
+
+    use_default_experiment(args.experiment)
+    print(json.dumps(search_from_args(args), indent=2))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from melanoma.tracking import register_run_model
+
+    version = register_run_model(args.run_id, args.name, args.alias or None)
+    alias = f"@{args.alias}" if args.alias else ""
+    print(f"registered models:/{args.name}/{version.version} {alias}".strip())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from melanoma.external import evaluate_model_on_folder
+
+    use_default_experiment(args.experiment)
+    metrics = evaluate_model_on_folder(args.model, args.data, args.name)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from melanoma.audit import audit_dataset, write_report
+
+    report = audit_dataset(args.data, img_size=args.img_size, seed=args.seed)
+    paths = write_report(report, args.out, args.report)
+    print(report["verdict"])
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
+    print("report: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from melanoma.bench import run_benchmark
+
+    run_benchmark(args.data, args.out, steps=args.steps, serve=args.serve)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from melanoma.data import make_demo_dataset
+
+    root = make_demo_dataset(args.out, per_class=args.per_class, seed=args.seed, size=args.size)
+    print(f"wrote a synthetic Kaggle-layout dataset to {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melanoma", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model and log it to MLflow")
+    add_config_arguments(train)
+    train.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
+    train.add_argument("--run-name", default=None)
+    train.set_defaults(func=cmd_train)
+
+    search = sub.add_parser("search", help="Optuna search over lr and batch size, best model registered")
+    from experiments.search import add_search_arguments
+
+    add_search_arguments(search)
+    search.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
+    search.set_defaults(func=cmd_search)
+
+    register = sub.add_parser("register", help="register a training run's model and set an alias")
+    register.add_argument("--run-id", required=True)
+    register.add_argument("--name", default="melanoma-classifier")
+    register.add_argument("--alias", default="champion", help="alias to move to the new version ('' for none)")
+    register.set_defaults(func=cmd_register)
+
+    evaluate = sub.add_parser("evaluate", help="score a folder through a logged model, as a client would")
+    evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/melanoma-classifier@champion")
+    evaluate.add_argument("--data", required=True, help="Kaggle layout, benign/ + malignant/, or one class folder")
+    evaluate.add_argument("--name", default=None, help="name of the set in metric names (default: folder name)")
+    evaluate.add_argument("--experiment", default="melanoma-evaluation")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    audit = sub.add_parser("audit", help="duplicates, background-only probe and image statistics")
+    audit.add_argument("--data", required=True)
+    audit.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    audit.add_argument("--report", type=Path, default=Path("audit.png"), help="the figure")
+    audit.add_argument("--img-size", type=int, default=128)
+    audit.add_argument("--seed", type=int, default=0)
+    audit.set_defaults(func=cmd_audit)
+
+    bench = sub.add_parser("bench", help="measure decode, cache, training and prediction speed")
+    bench.add_argument("--data", default=None, help="dataset folder (default: the demo set)")
+    bench.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
+    bench.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time HTTP requests against `mlflow models serve`")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo-data", help="write the synthetic demo dataset to a folder")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--per-class", type=int, default=TrainConfig.demo_size)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", type=int, default=128)
+    demo.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mlflow.exceptions import MlflowException
+
+    from melanoma.data import DataError
+    from melanoma.models import PretrainedWeightsError
+
+    try:
+        return args.func(args)
+    except (DataError, PretrainedWeightsError, ValueError, FileNotFoundError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

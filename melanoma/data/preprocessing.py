@@ -1,0 +1,129 @@
+"""Image bytes to model input: the one preprocessing both training and serving use.
+
+Two steps, split where the cache sits:
+  ``decode_image`` + ``preprocess``: bytes -> RGB array -> uint8 (C, H, W) at the model's size,
+  ``normalize``: a uint8 batch -> the float tensor the network sees.
+Training caches the uint8 output of the first step; serving runs both steps per request.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+# Bump when preprocessing changes, so cached arrays made by older code are not reused.
+PREPROCESS_VERSION = 2
+# Refuse images above this many pixels before decoding them (decompression bombs).
+MAX_PIXELS = 50_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+RGB_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, so pretrained weights see what they expect
+RGB_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+
+
+class InvalidImageError(ValueError):
+    """The bytes are not an image we can use."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Settings that turn a decoded image into model input; stored with every logged model."""
+
+    img_size: int = 128
+    channels: int = 3
+    color_constancy: bool = True
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return RGB_MEAN if self.channels == 3 else GRAY_MEAN
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return RGB_STD if self.channels == 3 else GRAY_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """Width and height read from the file header only, without decoding pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"image refused: {exc}") from exc
+    except Exception as exc:  # PIL raises several types for garbage input
+        raise InvalidImageError("not a recognised image file (JPEG, PNG, BMP, ...)") from exc
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
+    """Decode image file bytes to an RGB uint8 array (H, W, 3).
+
+    Grayscale and RGBA inputs become RGB. Images over ``MAX_PIXELS`` are refused from their
+    header. With ``min_side``, JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result still
+    has at least ``min_side`` pixels per side (DCT scaling: much faster, same quality after the
+    later downsizing).
+    """
+    if not data:
+        raise InvalidImageError("empty image data")
+    width, height = image_dimensions(data)
+    if width * height > MAX_PIXELS:
+        raise InvalidImageError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{MAX_PIXELS:,}; refused without decoding"
+        )
+    flag = cv2.IMREAD_COLOR
+    if min_side:
+        for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                                (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            if min(width, height) // factor >= min_side:
+                flag = reduced
+                break
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if bgr is None or bgr.size == 0:
+        raise InvalidImageError("image data is corrupt or truncated and could not be decoded")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def shades_of_gray(image: np.ndarray, power: int = 6) -> np.ndarray:
+    """Colour constancy (Finlayson & Trezzi 2004): scale channels so the scene's Minkowski
+    p-norm illuminant becomes neutral gray. Removes much of a camera's or clinic's colour cast."""
+    pixels = image.astype(np.float32)
+    illuminant = np.power(np.mean(np.power(pixels, power), axis=(0, 1)), 1.0 / power)
+    gains = illuminant.mean() / np.maximum(illuminant, 1e-6)
+    return np.clip(pixels * gains, 0, 255).astype(np.uint8)
+
+
+def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (C, H, W) at ``spec.img_size`` square."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidImageError(f"expected an RGB array (H, W, 3), got shape {image.shape}")
+    size = spec.img_size
+    interpolation = cv2.INTER_AREA if min(image.shape[:2]) >= size else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (size, size), interpolation=interpolation)
+    if spec.color_constancy:
+        resized = shades_of_gray(resized)
+    if spec.channels == 1:
+        return cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)[None]
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def load_for_model(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Image file bytes -> uint8 (C, H, W): decoding and preprocessing in one call."""
+    return preprocess(decode_image(data, min_side=spec.img_size), spec)
+
+
+def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 (N, C, H, W), or floats already scaled to [0, 1] -> float32 normalised with the
+    spec's mean and std."""
+    x = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,105 @@
+"""Grad-CAM (Selvaraju et al. 2017), batched, and heat-map overlays."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GradCAM:
+    """Class-activation maps for a batch, from one target layer.
+
+    Use as a context manager: the forward hook lives only inside the ``with`` block. The
+    gradient is taken with a tensor hook on the layer's output (not a module backward hook,
+    which breaks on in-place ReLU), and the model's train/eval mode is restored on exit.
+
+        with GradCAM(model, gradcam_layer(model)) as cam:
+            maps = cam(batch)            # (N, H, W) in [0, 1], for the predicted classes
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module):
+        self.model = model
+        self.target_layer = target_layer
+        self._activations: torch.Tensor | None = None
+        self._gradients: torch.Tensor | None = None
+        self._handle = None
+        self._was_training = model.training
+
+    def __enter__(self) -> "GradCAM":
+        self._was_training = self.model.training
+        self.model.eval()
+        self._handle = self.target_layer.register_forward_hook(self._capture)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._activations = self._gradients = None
+        self.model.train(self._was_training)
+
+    def _capture(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._activations = output
+        output.register_hook(self._store_gradient)
+
+    def _store_gradient(self, grad: torch.Tensor) -> None:
+        self._gradients = grad
+
+    def __call__(self, x: torch.Tensor, class_index: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Maps (N, H, W) in [0, 1] at the input's resolution, for ``class_index`` (an int, one
+        index per image, or None for each image's predicted class)."""
+        if self._handle is None:
+            raise RuntimeError("use GradCAM inside a `with GradCAM(...) as cam:` block")
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits = self.model(x)
+            if class_index is None:
+                class_index = logits.argmax(dim=1)
+            index = torch.as_tensor(class_index, device=logits.device).expand(len(x)).view(-1, 1)
+            self.model.zero_grad(set_to_none=True)
+            logits.gather(1, index).sum().backward()
+        weights = self._gradients.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * self._activations).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.flatten(1).amax(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+        return (cam / peak).float()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a [0, 1] heat map over an RGB or grayscale uint8 image; returns RGB uint8."""
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+    cam = cv2.resize(cam.astype(np.float32), (image.shape[1], image.shape[0]))
+    heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
+
+
+def gradcam_panel(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                  class_names: tuple[str, ...]) -> "plt.Figure":
+    """A figure with two rows per group of images: originals above, Grad-CAM overlays below,
+    each titled with the true label and the predicted malignant probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = min(n, 8)
+    groups = (n + cols - 1) // cols
+    fig, axes = plt.subplots(2 * groups, cols, figsize=(1.9 * cols, 4.1 * groups), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        rgb = images[i].transpose(1, 2, 0)
+        rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        top.imshow(rgb)
+        top.set_title(f"true {class_names[labels[i]]}\np(malignant) {probs[i]:.2f}", fontsize=8)
+        bottom.imshow(overlay(np.ascontiguousarray(rgb), maps[i]))
+    fig.suptitle("Grad-CAM for the predicted class (top: input, bottom: overlay)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,155 @@
+"""One training run from settings to a logged model, inside the active MLflow run.
+
+data -> split -> fit (per-epoch metrics) -> operating point on validation -> report on test
+(or validation) -> external sets -> figures -> logged pyfunc model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from melanoma import tracking
+from melanoma.config import TrainConfig
+from melanoma.data import (
+    CLASSES,
+    PreparedData,
+    PreprocessSpec,
+    cache_dir,
+    demo_dataset,
+    prepare_dataset,
+    read_file,
+    split_train_val,
+)
+from melanoma.evaluate import (
+    classification_metrics,
+    confusion_figure,
+    history_figure,
+    roc_figure,
+    threshold_for_sensitivity,
+)
+from melanoma.gradcam import GradCAM, gradcam_panel
+from melanoma.models import build_model, gradcam_layer
+from melanoma.train import EpochCallback, fit, malignant_probability, predict_logits, select_device, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data(cfg: TrainConfig) -> tuple[Path, bool]:
+    """The dataset location and whether it is the synthetic demo set."""
+    if cfg.data == "demo":
+        return demo_dataset(cfg.demo_size, cfg.seed, cache_dir()), True
+    return Path(cfg.data).expanduser(), False
+
+
+def spec_from_config(cfg: TrainConfig) -> PreprocessSpec:
+    return PreprocessSpec(img_size=cfg.img_size, channels=cfg.channels, color_constancy=cfg.color_constancy)
+
+
+def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
+    params = {"data_digest": data.digest, "data_skipped_files": len(data.skipped)}
+    for split, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx)):
+        params[f"data_{split}_count"] = len(idx)
+        for name, count in data.class_counts(idx).items():
+            params[f"data_{split}_{name}"] = count
+    return params
+
+
+def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                     spec: PreprocessSpec, per_class: int, seed: int, device: torch.device):
+    """Grad-CAM figure for ``per_class`` random images of each class."""
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in (0, 1)])
+    x = to_model_input(torch.from_numpy(images[chosen]), spec, device)
+    with GradCAM(model, gradcam_layer(model)) as cam:
+        maps = cam(x).cpu().numpy()
+    return gradcam_panel(images[chosen], maps, labels[chosen], probs[chosen], CLASSES)
+
+
+def evaluate_external(model: torch.nn.Module, folder: str, spec: PreprocessSpec, threshold: float,
+                      device: torch.device) -> tuple[str, dict[str, float]]:
+    """Metrics on an evaluation-only folder (never used for model selection)."""
+    data = prepare_dataset(folder, spec, require_train=False)
+    probs = malignant_probability(predict_logits(model, data.images, spec, device))
+    name = Path(folder).resolve().name
+    metrics = classification_metrics(data.labels, probs, threshold)
+    metrics["count"] = len(data.labels)
+    metrics["mean_malignant_probability"] = float(probs.mean())
+    return name, metrics
+
+
+def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict:
+    """Train and log everything to the active MLflow run; returns the final report metrics.
+
+    ``on_epoch_end`` is called after MLflow has the epoch's metrics (the search uses it to prune).
+    """
+    cfg.validate()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = select_device()
+    spec = spec_from_config(cfg)
+    location, synthetic = resolve_data(cfg)
+
+    mlflow.set_tags({"dataset": "synthetic-demo" if synthetic else "real", "synthetic_data": str(synthetic).lower(),
+                     "model_family": cfg.model, "device": device.type})
+    mlflow.log_params({**cfg.to_params(), "data": "demo" if synthetic else str(location.resolve())})
+
+    data = prepare_dataset(location, spec)
+    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)
+    test_idx = data.indices("test")
+    mlflow.log_params(dataset_params(data, fit_idx, val_idx, test_idx))
+    mlflow.log_metric("data_skipped_files", len(data.skipped))
+    if data.skipped:
+        tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
+
+    model = build_model(cfg.model, cfg.channels, cfg.pretrained)
+    mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
+
+    def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.epoch_logger(epoch, metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+
+    result = fit(model, data.images[fit_idx], data.labels[fit_idx], data.images[val_idx], data.labels[val_idx], spec,
+                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment_mode=cfg.augment,
+                 patience=cfg.patience, seed=cfg.seed, device=device, on_epoch_end=report_epoch)
+    mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+    tracking.log_figure(history_figure(result.history), "training/history.png")
+
+    val_probs = malignant_probability(predict_logits(model, data.images[val_idx], spec, device))
+    threshold = threshold_for_sensitivity(data.labels[val_idx], val_probs, cfg.target_sensitivity)
+    mlflow.log_metric("threshold", threshold)
+    tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs), prefix="best_val_")
+    tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs, threshold), prefix="val_op_")
+
+    report_split, report_idx = ("test", test_idx) if len(test_idx) else ("val", val_idx)
+    report_images, report_labels = data.images[report_idx], data.labels[report_idx]
+    report_probs = val_probs if report_split == "val" else malignant_probability(
+        predict_logits(model, report_images, spec, device))
+    report = classification_metrics(report_labels, report_probs, 0.5)
+    tracking.log_metrics(report, prefix=f"{report_split}_")
+    tracking.log_metrics(classification_metrics(report_labels, report_probs, threshold), prefix=f"{report_split}_op_")
+    for name, t in (("0.5", 0.5), ("operating", threshold)):
+        tracking.log_figure(confusion_figure(report_labels, report_probs, t, f"{report_split} set, {name} threshold"),
+                            f"evaluation/confusion_{report_split}_{name}_threshold.png")
+    tracking.log_figure(roc_figure(report_labels, report_probs, threshold, f"ROC, {report_split} set"),
+                        f"evaluation/roc_{report_split}.png")
+    if cfg.gradcam_images:
+        fig = gradcam_examples(model, report_images, report_labels, report_probs, spec,
+                               max(1, cfg.gradcam_images // 2), cfg.seed, device)
+        tracking.log_figure(fig, f"gradcam/gradcam_{report_split}.png")
+
+    for folder in cfg.external_dirs:
+        name, metrics = evaluate_external(model, folder, spec, threshold, device)
+        tracking.log_metrics(metrics, prefix=f"external_{name}_")
+
+    example_bytes = read_file(location, data.paths[report_idx[0]])
+    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, threshold, example_bytes,
+                                        {"target_sensitivity": cfg.target_sensitivity})
+    mlflow.set_tag("model_uri", model_uri)
+    return {"report_split": report_split, "threshold": threshold, "best_val_auc": result.best_val_auc,
+            "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}

@@ -1,0 +1,121 @@
+"""The served model: base64 image bytes in, probabilities (and Grad-CAM overlays) out.
+
+An MLflow pyfunc. Clients send a DataFrame column ``image`` of base64-encoded image files
+(JPEG, PNG, BMP, ...; any size; grayscale, RGB or RGBA) and get one row per image with
+``malignant_probability``, ``benign_probability`` and ``label`` (at the operating threshold
+stored with the model). With the predict param ``explain=true`` each row also carries
+``gradcam_png``, a base64 PNG of the Grad-CAM overlay.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import cv2
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from melanoma.config import parse_bool
+from melanoma.data.layout import CLASSES
+from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, load_for_model, normalize
+from melanoma.gradcam import GradCAM, overlay
+from melanoma.models import build_model, gradcam_layer
+from melanoma.train import malignant_probability, predict_logits, select_device
+
+SETTINGS_FILE = "settings.json"
+WEIGHTS_FILE = "weights.pt"
+IMAGE_COLUMN = "image"
+
+
+class BadInputError(ValueError):
+    """A request the model cannot score; the message names the rows and the problem."""
+
+
+def decode_base64_column(frame: pd.DataFrame) -> list[bytes]:
+    """The ``image`` column as raw bytes; every bad row is named in one error."""
+    if not isinstance(frame, pd.DataFrame) or IMAGE_COLUMN not in frame.columns:
+        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(frame).__name__
+        raise BadInputError(f"input needs a column {IMAGE_COLUMN!r} of base64-encoded image files; got {columns}")
+    if len(frame) == 0:
+        raise BadInputError(f"the {IMAGE_COLUMN!r} column is empty: send at least one image")
+    out, problems = [], []
+    for row, value in enumerate(frame[IMAGE_COLUMN].tolist()):
+        if isinstance(value, (bytes, bytearray)):
+            out.append(bytes(value))
+            continue
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"row {row}: empty or not a string")
+            continue
+        try:
+            out.append(base64.b64decode(value.strip(), validate=True))
+        except (binascii.Error, ValueError):
+            problems.append(f"row {row}: not valid base64")
+    if problems:
+        raise BadInputError("; ".join(problems))
+    return out
+
+
+def encode_png_base64(rgb: np.ndarray) -> str:
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("could not encode the overlay as PNG")
+    return base64.b64encode(png.tobytes()).decode("ascii")
+
+
+class MelanomaClassifier(mlflow.pyfunc.PythonModel):
+    """Loads the weights and settings logged with the model; scores base64 image files."""
+
+    def load_context(self, context) -> None:
+        self.load(Path(context.artifacts["weights"]), Path(context.artifacts["settings"]))
+
+    def load(self, weights: Path, settings: Path) -> None:
+        self.settings = json.loads(Path(settings).read_text())
+        self.spec = PreprocessSpec(**self.settings["preprocess"])
+        self.threshold = float(self.settings["threshold"])
+        self.device = select_device()
+        self.model = build_model(self.settings["model"], self.spec.channels)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.to(self.device).to(memory_format=torch.channels_last).eval()
+
+    def preprocess_rows(self, files: list[bytes]) -> np.ndarray:
+        """Decode and preprocess every row; all undecodable rows are named in one error."""
+        arrays, problems = [], []
+        for row, data in enumerate(files):
+            try:
+                arrays.append(load_for_model(data, self.spec))
+            except InvalidImageError as exc:
+                problems.append(f"row {row}: {exc}")
+        if problems:
+            raise BadInputError("; ".join(problems))
+        return np.stack(arrays)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        try:
+            images = self.preprocess_rows(decode_base64_column(model_input))
+            explain = parse_bool((params or {}).get("explain", False))
+        except (BadInputError, ValueError) as exc:
+            # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 with this message.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        probs = malignant_probability(predict_logits(self.model, images, self.spec, self.device))
+        result = pd.DataFrame({
+            "malignant_probability": probs.astype(np.float64),
+            "benign_probability": (1.0 - probs).astype(np.float64),
+            "label": [CLASSES[int(p >= self.threshold)] for p in probs],
+        })
+        if explain:
+            result["gradcam_png"] = [encode_png_base64(o) for o in self.explain(images)]
+        return result
+
+    def explain(self, images: np.ndarray) -> list[np.ndarray]:
+        """Grad-CAM overlays (RGB uint8) for each image's predicted class."""
+        x = normalize(torch.from_numpy(images).to(self.device), self.spec)
+        with GradCAM(self.model, gradcam_layer(self.model)) as cam:
+            maps = cam(x).cpu().numpy()
+        return [overlay(np.ascontiguousarray(img.transpose(1, 2, 0)), m) for img, m in zip(images, maps)]

@@ -1,0 +1,101 @@
+"""Every MLflow call of a training run: params, metrics, figures, the model, the registry."""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import melanoma
+from melanoma.data.preprocessing import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+REGISTERED_MODEL = "melanoma-classifier"
+DEFAULT_ALIAS = "champion"
+PACKAGE_DIR = Path(melanoma.__file__).parent
+RUNTIME_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "scikit-learn", "tqdm", "matplotlib")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    """Log the finite numeric values of ``metrics`` under ``prefix``."""
+    clean = {f"{prefix}{k}": float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v and k != "epoch"}
+    mlflow.log_metrics(clean, step=step)
+
+
+def epoch_logger(epoch: int, metrics: dict[str, float]) -> None:
+    """The training loop's callback: per-epoch metrics with step = epoch."""
+    log_metrics(metrics, step=epoch)
+
+
+def log_figure(fig: plt.Figure, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_json(data: dict, artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
+
+
+def _opencv_requirement() -> str:
+    for name in ("opencv-python", "opencv-python-headless"):
+        try:
+            return f"{name}=={importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "opencv-python-headless"
+
+
+def pip_requirements() -> list[str]:
+    """The served model's requirements, pinned to what trained it."""
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+    return [f"mlflow=={mlflow.__version__}", _opencv_requirement(), *pins]
+
+
+def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec, threshold: float,
+                   example_image: bytes, extra_settings: dict | None = None) -> str:
+    """Log the trained network as a self-contained pyfunc (models-from-code, the package bundled
+    as code); returns the model URI."""
+    settings = {"model": model_name, "preprocess": spec.to_dict(), "threshold": threshold,
+                **(extra_settings or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, settings_file = Path(tmp) / "weights.pt", Path(tmp) / "settings.json"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
+        settings_file.write_text(json.dumps(settings, indent=2))
+        example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
+        output_example = pd.DataFrame({"malignant_probability": [0.5], "benign_probability": [0.5],
+                                       "label": ["benign"]})
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
+            artifacts={"weights": str(weights), "settings": str(settings_file)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=infer_signature(example, output_example, params={"explain": False}),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+def register_run_model(run_id: str, name: str = REGISTERED_MODEL, alias: str | None = DEFAULT_ALIAS,
+                       tags: dict[str, str] | None = None) -> "mlflow.entities.model_registry.ModelVersion":
+    """Register the model logged by ``run_id`` as a new version of ``name`` and point ``alias``
+    at it."""
+    client = MlflowClient()
+    client.get_run(run_id)  # a clear MlflowException if the run does not exist
+    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={"run_id": run_id, **(tags or {})})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+        log.info("registered %s version %s as @%s", name, version.version, alias)
+    return version
