@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from melanoma.data.layout import CLASSES, DataError, ImageRecord, Source, discover
+from melanoma.data.layout import CLASSES, EXPECTED_LAYOUT, DataError, ImageRecord, Source, discover
 from melanoma.data.preprocessing import PREPROCESS_VERSION, InvalidImageError, PreprocessSpec, load_for_model
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
         else:
             records = discover(source, require_train=require_train)
             decoded = _decode_all(source, records, spec, workers or os.cpu_count() or 1)
+            if require_train:
+                _check_train_classes(decoded, source)
             images = decoded.pop("images")
             meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in decoded.items()}
             if use_cache:
@@ -113,6 +115,14 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
     return PreparedData(source=str(source.location), images=images,
                         labels=np.asarray(meta["labels"], dtype=np.int64), splits=np.asarray(meta["splits"]),
                         paths=meta["paths"], md5s=meta["md5s"], digest=meta["digest"], skipped=meta["skipped"])
+
+
+def _check_train_classes(decoded: dict, source: Source) -> None:
+    for label, name in enumerate(CLASSES):
+        if not np.any((decoded["labels"] == label) & (decoded["splits"] == "train")):
+            raise DataError(f"class {name!r} has no readable images in train/{name} of {source.location}; "
+                            f"{len(decoded['skipped'])} files there or elsewhere could not be decoded. "
+                            f"{EXPECTED_LAYOUT}.")
 
 
 def _write_cache(entry: Path, images: np.ndarray, meta: dict) -> None:

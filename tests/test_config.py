@@ -1,0 +1,49 @@
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from melanoma.config import TrainConfig, parse_bool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mlproject_main_parameters_match_the_settings_object():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    main = project["entry_points"]["main"]
+    cfg = TrainConfig()
+    assert set(main["parameters"]) == {f.name for f in fields(TrainConfig)}
+    for name, spec in main["parameters"].items():
+        default = getattr(cfg, name)
+        expected = str(default).lower() if isinstance(default, bool) else default
+        assert spec["default"] == expected, name
+        assert f"--{name} {{{name}}}" in main["command"]
+
+
+def test_mlproject_search_takes_the_settings_and_search_parameters():
+    search = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
+    required = {"model", "data", "n_trials", "timeout", "epochs", "img_size", "channels", "storage",
+                "study_name", "registered_model", "alias"}
+    assert required <= set(search["parameters"])
+    for name in search["parameters"]:
+        assert f"{{{name}}}" in search["command"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model", "vgg", "model must be one of"),
+    ("channels", 2, "channels must be 1"),
+    ("lr", 0.0, "lr must be positive"),
+    ("img_size", 8, "img_size"),
+    ("val_fraction", 1.5, "val_fraction"),
+])
+def test_invalid_settings_are_named(field, value, message):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_parse_bool_accepts_the_usual_spellings():
+    assert parse_bool("True") and parse_bool("1") and not parse_bool("false") and not parse_bool("0")
+    with pytest.raises(Exception, match="expected true or false"):
+        parse_bool("maybe")

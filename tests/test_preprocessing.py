@@ -1,0 +1,92 @@
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import melanoma.data.preprocessing as preprocessing
+from melanoma.data import InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize, preprocess
+
+
+def encode(image: np.ndarray, ext: str) -> bytes:
+    ok, data = cv2.imencode(ext, image)
+    assert ok
+    return data.tobytes()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header (with a valid CRC) claims another size."""
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8), ".png"))
+    ihdr = 8 + 8  # signature, then chunk length + type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:ihdr + 13]))
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp"])
+def test_formats_decode_to_rgb(ext):
+    bgr = np.zeros((20, 30, 3), np.uint8)
+    bgr[..., 2] = 200  # red in OpenCV's BGR order
+    rgb = decode_image(encode(bgr, ext))
+    assert rgb.shape == (20, 30, 3)
+    assert rgb[..., 0].mean() > 150 and rgb[..., 2].mean() < 50
+
+
+def test_grayscale_and_rgba_become_rgb():
+    gray = decode_image(encode(np.full((10, 10), 90, np.uint8), ".png"))
+    assert gray.shape == (10, 10, 3) and np.all(gray == 90)
+    rgba = decode_image(encode(np.full((10, 10, 4), 60, np.uint8), ".png"))
+    assert rgba.shape == (10, 10, 3)
+
+
+def test_garbage_empty_and_truncated_bytes_raise_clear_errors():
+    with pytest.raises(InvalidImageError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        decode_image(b"this is text, not a picture")
+    jpeg = encode(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8), ".jpg")
+    with pytest.raises(InvalidImageError):
+        decode_image(jpeg[:200])
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(monkeypatch):
+    called = []
+    monkeypatch.setattr(preprocessing.cv2, "imdecode", lambda *a: called.append(1))
+    with pytest.raises(InvalidImageError, match="pixels|refused"):
+        decode_image(png_claiming_size(60_000, 60_000))
+    assert not called, "the pixels must not be decoded"
+
+
+def test_preprocess_sizes_channels_and_is_deterministic():
+    image = np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    rgb = preprocess(image, PreprocessSpec(img_size=64, channels=3))
+    gray = preprocess(image, PreprocessSpec(img_size=48, channels=1, color_constancy=False))
+    assert rgb.shape == (3, 64, 64) and rgb.dtype == np.uint8
+    assert gray.shape == (1, 48, 48)
+    np.testing.assert_array_equal(rgb, preprocess(image, PreprocessSpec(img_size=64, channels=3)))
+
+
+def test_shades_of_gray_removes_a_colour_cast():
+    rng = np.random.default_rng(0)
+    scene = rng.integers(60, 200, (50, 50, 1), dtype=np.uint8).repeat(3, axis=2).astype(np.float32)
+    tinted = np.clip(scene * np.array([1.3, 1.0, 0.7]), 0, 255).astype(np.uint8)
+    balanced = preprocessing.shades_of_gray(tinted).reshape(-1, 3).mean(axis=0)
+    assert balanced.max() - balanced.min() < 0.1 * np.ptp(tinted.reshape(-1, 3).mean(0))
+
+
+def test_training_and_serving_share_one_path():
+    jpeg = encode(np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8), ".jpg")
+    spec = PreprocessSpec(img_size=32)
+    expected = preprocess(decode_image(jpeg, min_side=32), spec)
+    np.testing.assert_array_equal(load_for_model(jpeg, spec), expected)
+
+
+def test_normalize_uses_the_spec_statistics():
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = normalize(batch, PreprocessSpec(channels=3))
+    expected = (1 - torch.tensor(PreprocessSpec().mean)) / torch.tensor(PreprocessSpec().std)
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+    torch.testing.assert_close(normalize(batch.float() / 255, PreprocessSpec()), out)
