@@ -153,9 +153,9 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
 
     with mlflow.start_run(run_id=parent_run_for(study), run_name=f"search-{study_name}") as parent:
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
-        mlflow.set_tags({"optuna_study": study_name, "search": "true",
+        mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
-        mlflow.log_params({"study_name": study_name, "storage": storage_url, "n_trials": n_trials,
+        tracking.log_new_params({"study_name": study_name, "storage": storage_url,
                            "pruner": pruner, "objective": OBJECTIVE, "lr_range": str(LR_RANGE),
                            "batch_sizes": str(BATCH_SIZES), "base_model": base.model, "base_data": base.data,
                            "base_epochs": base.epochs, "base_img_size": base.img_size,

@@ -27,6 +27,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     augment: str = "full"  # none | flip | full (flips, rotations, resized crops, colour)
     color_constancy: bool = True  # Shades of Gray white balance in preprocessing
+    mask_corners: bool = False  # black out everything outside the inscribed circle
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
     external: str = ""  # extra evaluation-only folders, comma-separated
     gradcam_images: int = 8
@@ -58,7 +59,8 @@ class TrainConfig:
         return [p.strip() for p in self.external.split(",") if p.strip()]
 
     def to_params(self) -> dict[str, str]:
-        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+        """Params as MLproject spells them (booleans lower-case), so runs compare in the UI."""
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in dataclasses.asdict(self).items()}
 
 
 def parse_bool(text: str | bool) -> bool:

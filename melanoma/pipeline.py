@@ -47,7 +47,8 @@ def resolve_data(cfg: TrainConfig) -> tuple[Path, bool]:
 
 
 def spec_from_config(cfg: TrainConfig) -> PreprocessSpec:
-    return PreprocessSpec(img_size=cfg.img_size, channels=cfg.channels, color_constancy=cfg.color_constancy)
+    return PreprocessSpec(img_size=cfg.img_size, channels=cfg.channels, color_constancy=cfg.color_constancy,
+                          mask_corners=cfg.mask_corners)
 
 
 def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
@@ -96,7 +97,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
 
     mlflow.set_tags({"dataset": "synthetic-demo" if synthetic else "real", "synthetic_data": str(synthetic).lower(),
                      "model_family": cfg.model, "device": device.type})
-    mlflow.log_params({**cfg.to_params(), "data": "demo" if synthetic else str(location.resolve())})
+    tracking.log_new_params({**cfg.to_params(), "data_location": str(location.resolve())})
 
     data = prepare_dataset(location, spec)
     fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)

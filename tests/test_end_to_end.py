@@ -1,0 +1,187 @@
+"""End to end on tiny demo data: `mlflow run`, the search, the registry and `mlflow models serve`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import search
+from melanoma.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(epochs=2, img_size=32, demo_size=16, gradcam_images=4, batch_size=16)
+pytestmark = pytest.mark.e2e
+
+
+def mlflow_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    env.update(MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], MELANOMA_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet18"])
+def test_mlflow_run_trains_and_logs_everything(model, tmp_path):
+    params = [arg for k, v in {"model": model, **TINY}.items() for arg in ("-P", f"{k}={v}")]
+    subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+                    "--experiment-name", "e2e", *params], check=True, env=mlflow_env(tmp_path), cwd=tmp_path,
+                   timeout=600)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model"] == model and p["epochs"] == "2" and p["img_size"] == "32" and p["data"] == "demo"
+    for key in ("batch_size", "lr", "channels", "seed", "data_digest", "data_train_benign", "data_val_malignant",
+                "data_test_count"):
+        assert key in p
+    assert run.data.tags["synthetic_data"] == "true"
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_sensitivity",
+                   "val_specificity", "lr", "train_images_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
+    for metric in ("test_accuracy", "test_balanced_accuracy", "test_auc", "test_sensitivity", "test_specificity",
+                   "test_f1", "test_op_specificity", "threshold", "data_skipped_files"):
+        assert metric in run.data.metrics, metric
+    artifacts = [a.path for folder in ("evaluation", "gradcam") for a in client.list_artifacts(run.info.run_id, folder)]
+    assert any("confusion" in a for a in artifacts) and any("roc" in a for a in artifacts)
+    assert any("gradcam" in a and a.endswith(".png") for a in artifacts)
+
+    model_uri = run.data.tags["model_uri"]
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    images = sorted((tmp_path / "cache").rglob("test/*/*.jpg"))[:3]
+    frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
+    out = pyfunc.predict(frame)
+    assert len(out) == 3 and out.malignant_probability.between(0, 1).all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def ping(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ping", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def rows(*values: str) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+
+
+def test_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_path):
+    base = TrainConfig(**TINY)
+    summary = search.run_search(base, n_trials=2, storage_url=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert summary["complete"] == 2
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("melanoma-classifier", "champion")
+    assert version.tags["study"] == "melanoma-cnn" and version.tags["metric"] == "val_auc"
+    assert version.tags["run"] == summary["best_run_id"]
+    assert float(version.tags["value"]) == pytest.approx(summary["best_val_auc"])
+    parent = client.get_run(client.get_run(summary["best_run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.data.params["study_name"] == "melanoma-cnn" and "best_lr" in parent.data.params
+    assert {"search/optimization_history.png", "search/param_importances.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    assert all({"lr", "batch_size", "model", "img_size"} <= set(c.data.params) for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "val_auc")) == 2 for c in children)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/melanoma-classifier@champion",
+         "-p", str(port), "--env-manager", "local"],
+        env=mlflow_env(tmp_path), cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not ping(url):
+            assert server.poll() is None, "mlflow models serve exited"
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(1)
+        image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        jpeg = base64.b64encode(cv2.imencode(".jpg", image)[1].tobytes()).decode()
+        png = base64.b64encode(cv2.imencode(".png", image)[1].tobytes()).decode()
+        status, body = post(url, rows(jpeg, png))
+        assert status == 200
+        for row in body["predictions"]:
+            assert 0 <= row["malignant_probability"] <= 1
+            assert row["malignant_probability"] + row["benign_probability"] == pytest.approx(1)
+            assert row["label"] in ("benign", "malignant")
+
+        status, body = post(url, {**rows(jpeg), "params": {"explain": True}})
+        overlay = base64.b64decode(body["predictions"][0]["gradcam_png"])
+        assert status == 200 and overlay.startswith(b"\x89PNG")
+        assert cv2.imdecode(np.frombuffer(overlay, np.uint8), cv2.IMREAD_COLOR) is not None
+
+        for payload, message in [(rows(jpeg, "not*base64"), "row 1: not valid base64"),
+                                 (rows(base64.b64encode(b"text").decode()), "row 0: not a recognised image"),
+                                 ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty"),
+                                 ({"dataframe_split": {"columns": ["photo"], "data": [[jpeg]]}}, "image")]:
+            status, body = post(url, payload)
+            assert status == 400 and message in body["message"], body
+        assert ping(url)
+        assert post(url, rows(jpeg))[0] == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+class PruneAfterFirstEpoch(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruned_trials_end_killed_and_an_interrupted_search_resumes(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    base = TrainConfig(**{**TINY, "epochs": 1})
+    search.run_search(base, n_trials=1, storage_url=storage, study_name="resume")
+
+    # A crash mid-trial leaves the trial RUNNING in the storage.
+    study = optuna.load_study(study_name="resume", storage=storage)
+    study.ask()
+    summary = search.run_search(base, n_trials=2, storage_url=storage, study_name="resume")
+    study = optuna.load_study(study_name="resume", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1 and "RUNNING" not in states
+    assert summary["complete"] == 2
+    assert search.run_search(base, n_trials=2, storage_url=storage, study_name="resume")["complete"] == 2
+
+    monkeypatch.setattr(search, "make_pruner", lambda name: PruneAfterFirstEpoch())
+    summary = search.run_search(TrainConfig(**TINY), n_trials=3, storage_url=storage, study_name="resume")
+    assert summary["pruned"] == 1
+    client = MlflowClient()
+    pruned = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.pruned = 'true'")
+    assert len(pruned) == 1 and pruned[0].info.status == "KILLED"
