@@ -104,6 +104,25 @@ def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.devi
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec, augment_mode: str,
+               generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 batch -> augmented, normalised model input and labels on ``device``."""
+    x = augment(images.float().div_(255), augment_mode, generator)
+    return to_model_input(x, spec, device), labels.to(device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               weights: torch.Tensor | None, device: torch.device) -> tuple[float, torch.Tensor]:
+    """One optimisation step; returns the loss and the (detached) logits."""
+    with autocast(device):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), logits.detach()
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec,
                    device: torch.device, batch_size: int = 128) -> torch.Tensor:
@@ -159,18 +178,12 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False)
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = augment(images[idx].float().div_(255), augment_mode, generator)
-            x, y = to_model_input(x, spec, device), labels[idx].to(device)
-            with autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            x, y = make_batch(images[idx], labels[idx], spec, augment_mode, generator, device)
+            loss, logits = train_step(model, optimizer, x, y, weights, device)
             scheduler.step()
-            total_loss += loss.item() * len(idx)
+            total_loss += loss * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
         train_seconds = time.perf_counter() - start
 
         val_logits = predict_logits(model, val_images, spec, device)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import search
+from melanoma.bench import model_server, ping
 from melanoma.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,12 +68,6 @@ def test_mlflow_run_trains_and_logs_everything(model, tmp_path):
     assert len(out) == 3 and out.malignant_probability.between(0, 1).all()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -84,14 +76,6 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/ping", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def rows(*values: str) -> dict:
@@ -118,19 +102,7 @@ def test_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_
     assert all({"lr", "batch_size", "model", "img_size"} <= set(c.data.params) for c in children)
     assert all(len(client.get_metric_history(c.info.run_id, "val_auc")) == 2 for c in children)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/melanoma-classifier@champion",
-         "-p", str(port), "--env-manager", "local"],
-        env=mlflow_env(tmp_path), cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while not ping(url):
-            assert server.poll() is None, "mlflow models serve exited"
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(1)
+    with model_server("models:/melanoma-classifier@champion", mlflow_env(tmp_path)) as url:
         image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
         jpeg = base64.b64encode(cv2.imencode(".jpg", image)[1].tobytes()).decode()
         png = base64.b64encode(cv2.imencode(".png", image)[1].tobytes()).decode()
@@ -154,9 +126,6 @@ def test_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_
             assert status == 400 and message in body["message"], body
         assert ping(url)
         assert post(url, rows(jpeg))[0] == 200
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 class PruneAfterFirstEpoch(optuna.pruners.BasePruner):

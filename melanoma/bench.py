@@ -1,0 +1,313 @@
+"""``melanoma bench``: how fast each stage runs on this machine, in one process.
+
+Measures data preparation (cold decode vs cache), training throughput of the notebook's loop
+and of ours at the notebook's settings, achieved FLOP rates against the machine's matrix-multiply
+rate, and prediction latency of the logged pyfunc model, in-process and over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+from melanoma import tracking
+from melanoma.config import TrainConfig
+from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
+from melanoma.models import build_model
+from melanoma.train import class_weights, make_batch, select_device, train_step
+
+log = logging.getLogger(__name__)
+
+# The notebook's training settings, at which both training loops are compared.
+NOTEBOOK = {"img_size": 224, "channels": 1, "batch_size": 16, "lr": 1e-3}
+WARMUP_STEPS = 3
+
+
+# --- the notebook's loop, re-created faithfully -------------------------------------------------
+
+class NotebookDataset(Dataset):
+    """As in the notebook: a numpy array per sample, to PIL, torchvision transforms per sample,
+    one-hot float labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomRotation(20),
+                                             transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.transform(Image.fromarray(self.images[i][0]))
+        return image, F.one_hot(torch.tensor(self.labels[i]), 2).float()
+
+
+def notebook_cnn() -> nn.Module:
+    """The notebook's CNN in its own layer order (ReLU before max-pool), NCHW, fp32."""
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+    return nn.Sequential(block(1, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 2))
+
+
+def time_notebook_training(images: np.ndarray, labels: np.ndarray, steps: int) -> float:
+    """Images per second of the notebook's loop over ``steps`` batches after warm-up."""
+    torch.manual_seed(0)
+    model = notebook_cnn().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
+    loader = DataLoader(NotebookDataset(images, labels), batch_size=NOTEBOOK["batch_size"], shuffle=True)
+    batches = iter(loader)
+    seen, start = 0, 0.0
+    for step in range(WARMUP_STEPS + steps):
+        if step == WARMUP_STEPS:
+            seen, start = 0, time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
+# --- this project's loop ----------------------------------------------------------------------
+
+def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, steps: int,
+                  device: torch.device) -> tuple[float, float]:
+    """(images per second, FLOPs per image) of our training step at the notebook's batch size."""
+    torch.manual_seed(0)
+    model = build_model(model_name, spec.channels).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    weights = class_weights(labels).to(device)
+    generator = torch.Generator().manual_seed(0)
+    batch = NOTEBOOK["batch_size"]
+
+    def step() -> None:
+        idx = torch.randint(len(images_t), (batch,), generator=generator)
+        x, y = make_batch(images_t[idx], labels_t[idx], spec, "full", generator, device)
+        train_step(model, optimizer, x, y, weights, device)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_image = counter.get_total_flops() / batch
+    for _ in range(WARMUP_STEPS - 1):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - start), flops_per_image
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-multiply rate."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+# --- data preparation -------------------------------------------------------------------------
+
+def time_preparation(location: Path, spec: PreprocessSpec) -> dict:
+    """Cold preparation (decode + resize) into an empty cache, then a reload from the cache."""
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"MELANOMA_CACHE": tmp}):
+        start = time.perf_counter()
+        cold = prepare_dataset(location, spec)
+        decode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        warm = prepare_dataset(location, spec)
+        cached_s = time.perf_counter() - start
+    n = len(cold.labels)
+    assert len(warm.labels) == n
+    return {"images": n, "decode_img_per_s": n / decode_s, "cached_img_per_s": n / cached_s,
+            "cache_speedup": decode_s / cached_s, "_data": cold}
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ping(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ping", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[str]:
+    """`mlflow models serve` on a free loopback port for the duration of the block; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(port),
+                               "--env-manager", "local"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not ping(url):
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with code {server.returncode}")
+            if time.time() > deadline:
+                raise TimeoutError(f"mlflow models serve did not answer within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def post_images(url: str, encoded: list[str]) -> bytes:
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}
+    request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests: int = 100) -> dict:
+    """Latency of the logged pyfunc for the default model on real JPEG files, in-process and over HTTP."""
+    spec = PreprocessSpec(cfg.img_size, cfg.channels, cfg.color_constancy, cfg.mask_corners)
+    encoded = [base64.b64encode(j).decode("ascii") for j in jpegs]
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/bench.db"
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment = mlflow.set_experiment("bench")
+            with mlflow.start_run(experiment_id=experiment.experiment_id):
+                model_uri = tracking.log_classifier(build_model(cfg.model, cfg.channels), cfg.model, spec, 0.5, jpegs[0])
+            pyfunc = mlflow.pyfunc.load_model(model_uri)
+            one = pd.DataFrame({"image": encoded[:1]})
+            batch = pd.DataFrame({"image": (encoded * 32)[:32]})
+            for _ in range(5):
+                pyfunc.predict(one)
+            latencies = []
+            for i in range(requests):
+                start = time.perf_counter()
+                pyfunc.predict(pd.DataFrame({"image": [encoded[i % len(encoded)]]}))
+                latencies.append(time.perf_counter() - start)
+            results["predict_one_ms"] = 1000 * float(np.median(latencies))
+            pyfunc.predict(batch)
+            start = time.perf_counter()
+            for _ in range(5):
+                pyfunc.predict(batch)
+            results["predict_batch32_img_per_s"] = 5 * 32 / (time.perf_counter() - start)
+            if serve:
+                env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+                with model_server(model_uri, env) as url:
+                    for _ in range(5):
+                        post_images(url, encoded[:1])
+                    latencies = []
+                    for i in range(requests):
+                        start = time.perf_counter()
+                        post_images(url, [encoded[i % len(encoded)]])
+                        latencies.append(time.perf_counter() - start)
+                results["serve_one_ms_p50"] = 1000 * float(np.percentile(latencies, 50))
+                results["serve_one_ms_p99"] = 1000 * float(np.percentile(latencies, 99))
+        finally:
+            mlflow.set_tracking_uri(previous)
+    return results
+
+
+def sample_jpegs(location: Path, count: int = 32) -> list[bytes]:
+    source = Source(location)
+    try:
+        records = discover(source)
+        step = max(1, len(records) // count)
+        return [source.read(r.path) for r in records[::step][:count]]
+    finally:
+        source.close()
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bool = True) -> dict:
+    """Run every measurement, print a table, and write JSON to ``out``."""
+    device = select_device()
+    location = Path(data) if data else demo_dataset(TrainConfig.demo_size, 0, cache_dir())
+    spec = PreprocessSpec(img_size=NOTEBOOK["img_size"], channels=NOTEBOOK["channels"], color_constancy=False)
+    results: dict = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "torch_version": torch.__version__, "data": str(location.resolve()),
+                     "settings": {**NOTEBOOK, "timed_steps": steps, "warmup_steps": WARMUP_STEPS}}
+    log.info("preparing the dataset cold and from the cache")
+    prep = time_preparation(location, spec)
+    prepared = prep.pop("_data")
+    results.update(prep)
+    train = prepared.indices("train")
+    images, labels = prepared.images[train], prepared.labels[train]
+
+    results["gemm_gflops"] = gemm_gflops(device)
+    log.info("timing the notebook's training loop")
+    results["notebook_train_img_per_s"] = time_notebook_training(images, labels, steps)
+    for name in ("cnn", "resnet18"):
+        log.info("timing this project's training of %s", name)
+        img_per_s, flops = time_training(name, images, labels, spec, steps, device)
+        results[f"{name}_train_img_per_s"] = img_per_s
+        results[f"{name}_train_gflops"] = img_per_s * flops / 1e9
+        results[f"{name}_gemm_fraction"] = results[f"{name}_train_gflops"] / results["gemm_gflops"]
+    results["train_speedup_vs_notebook"] = results["cnn_train_img_per_s"] / results["notebook_train_img_per_s"]
+
+    log.info("timing prediction of the default model")
+    default = TrainConfig()
+    results["predict_settings"] = {"model": default.model, "img_size": default.img_size, "channels": default.channels}
+    results.update(time_prediction(sample_jpegs(location), default, serve and shutil.which("uvicorn") is not None))
+
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+    return results
