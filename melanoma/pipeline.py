@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from melanoma import tracking
+from melanoma.audit import audit_dataset, audit_figure, public_report
 from melanoma.config import TrainConfig
 from melanoma.data import (
     CLASSES,
@@ -37,6 +38,9 @@ from melanoma.models import build_model, gradcam_layer
 from melanoma.train import EpochCallback, fit, malignant_probability, predict_logits, select_device, to_model_input
 
 log = logging.getLogger(__name__)
+
+AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pairs", "cross_split_duplicate_pairs",
+                 "conflicting_label_pairs")
 
 
 def resolve_data(cfg: TrainConfig) -> tuple[Path, bool]:
@@ -83,6 +87,15 @@ def evaluate_external(model: torch.nn.Module, folder: str, spec: PreprocessSpec,
     return name, metrics
 
 
+def log_audit(location: Path, seed: int) -> None:
+    """The data audit of every training run: metrics, verdict, JSON and figure."""
+    report = audit_dataset(location, seed=seed)
+    tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix="audit_")
+    mlflow.set_tag("audit_verdict", report["verdict"])
+    tracking.log_json(public_report(report), "audit/audit.json")
+    tracking.log_figure(audit_figure(report), "audit/audit.png")
+
+
 def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict:
     """Train and log everything to the active MLflow run; returns the final report metrics.
 
@@ -106,6 +119,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     mlflow.log_metric("data_skipped_files", len(data.skipped))
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
+    log_audit(location, cfg.seed)
 
     model = build_model(cfg.model, cfg.channels, cfg.pretrained)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))

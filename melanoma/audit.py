@@ -1,0 +1,223 @@
+"""Know your data: duplicates, a background-only probe, and per-class image statistics.
+
+The probe answers "can the label be predicted without looking at the lesion?": a gradient-boosted
+classifier sees only colour statistics of the outer ring of each image (the lesion, in the
+middle, is masked out). A cross-validated AUC near 0.5 means the border carries no label
+information; near 1 means the classes come from different cameras or clinics, and a CNN can
+score well by learning the photograph instead of the lesion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from melanoma.data import CLASSES, PreparedData, PreprocessSpec, Source, prepare_dataset  # noqa: E402
+from melanoma.data.preprocessing import InvalidImageError, image_dimensions  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+RING = 0.15  # the outer share of each side that the border probe sees
+NEAR_DUPLICATE_BITS = 4  # difference-hash distance (of 64 bits) at which two images count as near copies
+DARK_CORNER = 40  # mean corner brightness (0-255) below which a corner counts as vignetted
+
+
+def ring_mask(size: int, ring: float = RING) -> np.ndarray:
+    """True on the outer ``ring`` share of a square image."""
+    width = max(1, int(round(size * ring)))
+    mask = np.ones((size, size), bool)
+    mask[width:-width, width:-width] = False
+    return mask
+
+
+def border_features(images: np.ndarray) -> np.ndarray:
+    """Colour statistics of the outer ring only (uint8 images (N, 3, H, W)): per channel mean,
+    std and quartiles, and the darkness of each corner."""
+    n, c, h, _ = images.shape
+    ring = images[:, :, ring_mask(h)].astype(np.float32)  # (N, C, ring pixels)
+    quartiles = np.percentile(ring, [25, 50, 75], axis=2).transpose(1, 0, 2).reshape(n, -1)
+    k = max(1, h // 8)
+    corners = [images[:, :, :k, :k], images[:, :, :k, -k:], images[:, :, -k:, :k], images[:, :, -k:, -k:]]
+    corner_means = np.stack([cr.reshape(n, -1).mean(1) for cr in corners], 1)
+    return np.concatenate([ring.mean(2), ring.std(2), quartiles, corner_means], 1)
+
+
+def border_probe(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Cross-validated (5-fold) AUC of a classifier that sees only the image border; also the
+    out-of-fold probabilities."""
+    folds = min(5, int(np.bincount(labels).min()))
+    if folds < 2:
+        return float("nan"), np.full(len(labels), np.nan)
+    # Leaves of 20 (the default) cannot split a few dozen images; small sets get smaller leaves.
+    classifier = HistGradientBoostingClassifier(max_iter=200, min_samples_leaf=max(2, min(20, len(labels) // 50)),
+                                                random_state=seed)
+    # One OpenMP thread: on a busy 2-core machine, OpenMP's spinning workers made this 30x slower.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        probs = cross_val_predict(classifier,
+                                  border_features(images), labels,
+                                  cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                  method="predict_proba")[:, 1]
+    return float(roc_auc_score(labels, probs)), probs
+
+
+def difference_hashes(images: np.ndarray) -> np.ndarray:
+    """64-bit difference hashes (Krawetz's dHash) of uint8 images (N, C, H, W)."""
+    import cv2
+
+    gray = images.mean(axis=1).astype(np.float32)
+    small = np.stack([cv2.resize(g, (9, 8), interpolation=cv2.INTER_AREA) for g in gray])
+    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(images), 64)
+    return np.packbits(bits, axis=1).view(">u8").ravel()
+
+
+def duplicate_pairs(data: PreparedData) -> dict:
+    """Exact (same md5) and near (dHash within ``NEAR_DUPLICATE_BITS``) duplicate pairs, with
+    how many cross splits or carry conflicting labels."""
+    hashes = difference_hashes(data.images)
+    exact, near = [], []
+    for i in tqdm(range(len(hashes) - 1), desc="comparing hashes", unit="img", leave=False):
+        distance = np.bitwise_count(hashes[i] ^ hashes[i + 1:])
+        for j in np.flatnonzero(distance <= NEAR_DUPLICATE_BITS) + i + 1:
+            (exact if data.md5s[i] == data.md5s[j] else near).append((i, int(j)))
+
+    def describe(pairs: list[tuple[int, int]]) -> dict:
+        return {"pairs": len(pairs),
+                "cross_split": int(sum(data.splits[i] != data.splits[j] for i, j in pairs)),
+                "conflicting_labels": int(sum(data.labels[i] != data.labels[j] for i, j in pairs)),
+                "examples": [[data.paths[i], data.paths[j]] for i, j in pairs[:20]]}
+
+    return {"exact": describe(exact), "near": describe(near)}
+
+
+def original_dimensions(location: str | Path, paths: list[str]) -> np.ndarray:
+    """(width, height) of each file from its header."""
+    source = Source(location)
+    try:
+        dims = []
+        for path in paths:
+            try:
+                dims.append(image_dimensions(source.read(path)))
+            except InvalidImageError:
+                dims.append((0, 0))
+        return np.array(dims, dtype=np.float64)
+    finally:
+        source.close()
+
+
+def class_statistics(data: PreparedData, dims: np.ndarray) -> dict:
+    """Per class: original size and aspect, brightness, mean colour, share of dark corners."""
+    k = max(1, data.images.shape[-1] // 8)
+    corners = np.stack([data.images[:, :, :k, :k], data.images[:, :, :k, -k:],
+                        data.images[:, :, -k:, :k], data.images[:, :, -k:, -k:]], 1)
+    dark_corners = corners.reshape(len(data.images), 4, -1).mean(2).min(1) < DARK_CORNER
+    stats = {}
+    for label, name in enumerate(CLASSES):
+        idx = data.labels == label
+        if not idx.any():
+            continue
+        rgb = data.images[idx].reshape(idx.sum(), 3, -1).mean(2)
+        sizes = dims[idx]
+        stats[name] = {
+            "count": int(idx.sum()),
+            "original_sizes": {f"{int(w)}x{int(h)}": int(c) for (w, h), c in
+                               zip(*np.unique(sizes, axis=0, return_counts=True))},
+            "aspect_mean": float(np.mean(sizes[:, 0] / np.maximum(sizes[:, 1], 1))),
+            "brightness_mean": float(rgb.mean()),
+            "rgb_mean": [float(v) for v in rgb.mean(0)],
+            "dark_corner_share": float(dark_corners[idx].mean()),
+        }
+    return stats
+
+
+def verdict(probe_auc: float, exact: int, near: int) -> str:
+    if probe_auc != probe_auc:
+        shortcut = "border probe not run (too few images per class)"
+    elif probe_auc >= 0.8:
+        shortcut = (f"SHORTCUT RISK: the image border alone predicts the label (AUC {probe_auc:.3f}); "
+                    "the classes differ in how they were photographed")
+    elif probe_auc >= 0.65:
+        shortcut = f"some label information in the image border (AUC {probe_auc:.3f})"
+    else:
+        shortcut = f"no label information in the image border (AUC {probe_auc:.3f})"
+    return f"{shortcut}; {exact} exact and {near} near duplicate pairs"
+
+
+def audit_dataset(location: str | Path, img_size: int = 64, seed: int = 0, require_train: bool = True) -> dict:
+    """The audit report as a dict (JSON-serialisable)."""
+    spec = PreprocessSpec(img_size=img_size, channels=3, color_constancy=False)
+    data = prepare_dataset(location, spec, require_train=require_train)
+    probe_auc, probe_probs = border_probe(data.images, data.labels, seed)
+    duplicates = duplicate_pairs(data)
+    stats = class_statistics(data, original_dimensions(location, data.paths))
+    report = {
+        "data": str(Path(location).resolve()),
+        "images": len(data.labels),
+        "skipped_files": len(data.skipped),
+        "border_probe_auc": probe_auc,
+        "exact_duplicate_pairs": duplicates["exact"]["pairs"],
+        "near_duplicate_pairs": duplicates["near"]["pairs"],
+        "cross_split_duplicate_pairs": duplicates["exact"]["cross_split"] + duplicates["near"]["cross_split"],
+        "conflicting_label_pairs": duplicates["exact"]["conflicting_labels"] + duplicates["near"]["conflicting_labels"],
+        "verdict": verdict(probe_auc, duplicates["exact"]["pairs"], duplicates["near"]["pairs"]),
+        "duplicates": duplicates,
+        "class_statistics": stats,
+    }
+    report["_figure_data"] = {"labels": data.labels, "probe_probs": probe_probs, "images": data.images}
+    return report
+
+
+def audit_figure(report: dict) -> plt.Figure:
+    """One page: the border probe's ROC, brightness and corner darkness by class, example borders."""
+    fig_data = report["_figure_data"]
+    labels, probs, images = fig_data["labels"], fig_data["probe_probs"], fig_data["images"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    if np.isfinite(report["border_probe_auc"]):
+        fpr, tpr, _ = roc_curve(labels, probs)
+        axes[0].plot(fpr, tpr, label=f"border-only probe, AUC {report['border_probe_auc']:.3f}")
+    axes[0].plot([0, 1], [0, 1], "--", c="gray", lw=0.8, label="no information")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="label from the border alone")
+    axes[0].legend(fontsize=8, loc="lower right")
+    brightness = images.reshape(len(images), -1).mean(1)
+    k = max(1, images.shape[-1] // 8)
+    corner = images[:, :, :k, :k].reshape(len(images), -1).mean(1)
+    for label, name in enumerate(CLASSES):
+        axes[1].hist(brightness[labels == label], bins=40, alpha=0.6, label=name, density=True)
+        axes[2].hist(corner[labels == label], bins=40, alpha=0.6, label=name, density=True)
+    axes[1].set(xlabel="mean brightness (0-255)", title="brightness by class")
+    axes[2].set(xlabel="top-left corner brightness (0-255)", title="vignette (dark corners) by class")
+    for ax in axes[1:]:
+        ax.legend(fontsize=8)
+    fig.suptitle(report["verdict"], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def public_report(report: dict) -> dict:
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def write_report(report: dict, json_path: Path | None, figure_path: Path | None) -> list[Path]:
+    written = []
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(public_report(report), indent=2))
+        written.append(json_path)
+    if figure_path is not None:
+        figure_path.parent.mkdir(parents=True, exist_ok=True)
+        fig = audit_figure(report)
+        fig.savefig(figure_path, dpi=110)
+        plt.close(fig)
+        written.append(figure_path)
+    return written
