@@ -53,8 +53,9 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
     """Random augmentation of a float batch in [0, 1], one draw per image, no Python loop.
 
     ``flip``: horizontal and vertical flips. ``full``: any rotation, flips, a random resized
-    crop with aspect-ratio jitter (one affine resampling), and brightness/contrast/saturation
-    jitter. Lesions have no canonical orientation, so every rotation is label-preserving.
+    crop with aspect-ratio jitter (one affine resampling), brightness/contrast/saturation
+    jitter, and down-and-up scaling of half the batch (blur, as from another camera's optics
+    or resolution). Lesions have no canonical orientation, so every rotation is label-preserving.
     """
     if mode == "none":
         return x
@@ -89,6 +90,19 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
             gray = x.mean(dim=1, keepdim=True)
             x = gray + (x - gray) * uniform(0.8, 1.2).view(view).to(x)
         x = x.clamp_(0, 1)
+        x = down_up_scale(x, generator)
+    return x
+
+
+def down_up_scale(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Resample a random half of the batch to 40-100% of its size and back (one factor per batch)."""
+    chosen = torch.rand(len(x), generator=generator) < p
+    factor = 0.4 + 0.6 * torch.rand(1, generator=generator).item()
+    size = x.shape[-2:]
+    small = [max(4, int(s * factor)) for s in size]
+    if chosen.any() and small != list(size):
+        low = F.interpolate(x[chosen], size=small, mode="bilinear", antialias=True, align_corners=False)
+        x[chosen] = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
     return x
 
 
@@ -129,11 +143,11 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: Pr
     """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
-    images = torch.as_tensor(images)
     out = []
     for start in range(0, len(images), batch_size):
+        batch = torch.as_tensor(np.array(images[start:start + batch_size]))  # a copy: the cache is read-only
         with autocast(device):
-            out.append(model(to_model_input(images[start:start + batch_size], spec, device)).float().cpu())
+            out.append(model(to_model_input(batch, spec, device)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 2)
 

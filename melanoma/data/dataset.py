@@ -100,7 +100,8 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
         if use_cache and (entry / "meta.json").exists():
             log.info("loading cached arrays from %s", entry)
             meta = json.loads((entry / "meta.json").read_text())
-            images = np.load(entry / "images.npy")
+            # Memory-mapped: opening is instant and pages are read on first use (by the OS, once).
+            images = np.load(entry / "images.npy", mmap_mode="r")
         else:
             records = discover(source, require_train=require_train)
             decoded = _decode_all(source, records, spec, workers or os.cpu_count() or 1)

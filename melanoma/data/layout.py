@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -42,14 +44,26 @@ class Source:
             raise DataError(f"{self.location} is a file but not a zip archive. {EXPECTED_LAYOUT}.")
         self._zip: zipfile.ZipFile | None = None
 
+    def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(relative posix path, stat) of every file under the folder, in one pass."""
+        stack = [""]
+        while stack:
+            prefix = stack.pop()
+            with os.scandir(self.location / prefix) as entries:
+                for entry in entries:
+                    rel = f"{prefix}{entry.name}"
+                    if entry.is_dir():
+                        stack.append(rel + "/")
+                    elif entry.is_file():
+                        yield rel, entry.stat()
+
     def files(self) -> list[str]:
         """Every file, as sorted relative posix paths."""
         if self.is_zip:
             with zipfile.ZipFile(self.location) as zf:
                 names = [n for n in zf.namelist() if not n.endswith("/")]
         else:
-            names = [p.relative_to(self.location).as_posix()
-                     for p in self.location.rglob("*") if p.is_file()]
+            names = [rel for rel, _ in self._walk()]
         return sorted(n for n in names if "__MACOSX" not in n)
 
     def fingerprint(self) -> list:
@@ -57,11 +71,7 @@ class Source:
         if self.is_zip:
             stat = self.location.stat()
             return [str(self.location), stat.st_size, stat.st_mtime_ns]
-        out = []
-        for rel in self.files():
-            stat = (self.location / rel).stat()
-            out.append([rel, stat.st_size, stat.st_mtime_ns])
-        return out
+        return sorted([rel, st.st_size, st.st_mtime_ns] for rel, st in self._walk())
 
     def read(self, rel: str) -> bytes:
         if self.is_zip:
