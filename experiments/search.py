@@ -55,7 +55,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     cosine schedule are noisy, and pruning on them throws away good slow starters."""
     if name == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)  # steps are epochs from 1
 
 
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
