@@ -66,6 +66,38 @@ def test_mlflow_run_trains_and_logs_everything(model, tmp_path):
     frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
     out = pyfunc.predict(frame)
     assert len(out) == 3 and out.malignant_probability.between(0, 1).all()
+    if model == "cnn":
+        assert_loads_without_the_project(model_uri, images[0], tmp_path)
+
+
+HIDE_PROJECT = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()
+                 and "editable" not in getattr(f, "__module__", "")]
+sys.path = [p for p in sys.path if p not in ("", {root!r}) and "__editable__" not in p]
+try:
+    import melanoma
+    raise SystemExit("the project is still importable")
+except ImportError:
+    pass
+import base64, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({model_dir!r})
+out = model.predict(pd.DataFrame({{"image": [base64.b64encode(open({image!r}, "rb").read()).decode()]}}))
+import melanoma
+assert melanoma.__file__.startswith({model_dir!r}), melanoma.__file__
+print(out.malignant_probability[0])
+"""
+
+
+def assert_loads_without_the_project(model_uri: str, image: Path, tmp_path: Path) -> None:
+    """The logged model loads and predicts in a Python where melanoma is not importable."""
+    model_dir = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    script = HIDE_PROJECT.format(root=str(ROOT), model_dir=model_dir, image=str(image))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 0 <= float(result.stdout.strip().splitlines()[-1]) <= 1
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
