@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data", required=True)
     audit.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     audit.add_argument("--report", type=Path, default=Path("audit.png"), help="the figure")
-    audit.add_argument("--img-size", type=int, default=128)
+    audit.add_argument("--img-size", type=int, default=64)
     audit.add_argument("--seed", type=int, default=0)
     audit.set_defaults(func=cmd_audit)
 
