@@ -96,6 +96,22 @@ def log_audit(location: Path, seed: int) -> None:
     tracking.log_figure(audit_figure(report), "audit/audit.png")
 
 
+def log_report(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, split: str,
+               threshold: float, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device) -> dict[str, float]:
+    """Final metrics at 0.5 and at the operating threshold, confusion matrices, ROC, Grad-CAM."""
+    report = classification_metrics(labels, probs, 0.5)
+    tracking.log_metrics(report, prefix=f"{split}_")
+    tracking.log_metrics(classification_metrics(labels, probs, threshold), prefix=f"{split}_op_")
+    for name, t in (("0.5", 0.5), ("operating", threshold)):
+        tracking.log_figure(confusion_figure(labels, probs, t, f"{split} set, {name} threshold"),
+                            f"evaluation/confusion_{split}_{name}_threshold.png")
+    tracking.log_figure(roc_figure(labels, probs, threshold, f"ROC, {split} set"), f"evaluation/roc_{split}.png")
+    if cfg.gradcam_images:
+        fig = gradcam_examples(model, images, labels, probs, spec, max(1, cfg.gradcam_images // 2), cfg.seed, device)
+        tracking.log_figure(fig, f"gradcam/gradcam_{split}.png")
+    return report
+
+
 def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict:
     """Train and log everything to the active MLflow run; returns the final report metrics.
 
@@ -142,21 +158,10 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs, threshold), prefix="val_op_")
 
     report_split, report_idx = ("test", test_idx) if len(test_idx) else ("val", val_idx)
-    report_images, report_labels = data.images[report_idx], data.labels[report_idx]
     report_probs = val_probs if report_split == "val" else malignant_probability(
-        predict_logits(model, report_images, spec, device))
-    report = classification_metrics(report_labels, report_probs, 0.5)
-    tracking.log_metrics(report, prefix=f"{report_split}_")
-    tracking.log_metrics(classification_metrics(report_labels, report_probs, threshold), prefix=f"{report_split}_op_")
-    for name, t in (("0.5", 0.5), ("operating", threshold)):
-        tracking.log_figure(confusion_figure(report_labels, report_probs, t, f"{report_split} set, {name} threshold"),
-                            f"evaluation/confusion_{report_split}_{name}_threshold.png")
-    tracking.log_figure(roc_figure(report_labels, report_probs, threshold, f"ROC, {report_split} set"),
-                        f"evaluation/roc_{report_split}.png")
-    if cfg.gradcam_images:
-        fig = gradcam_examples(model, report_images, report_labels, report_probs, spec,
-                               max(1, cfg.gradcam_images // 2), cfg.seed, device)
-        tracking.log_figure(fig, f"gradcam/gradcam_{report_split}.png")
+        predict_logits(model, data.images[report_idx], spec, device))
+    report = log_report(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
+                        threshold, cfg, spec, device)
 
     for folder in cfg.external_dirs:
         name, metrics = evaluate_external(model, folder, spec, threshold, device)
