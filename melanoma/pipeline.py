@@ -6,6 +6,7 @@ data -> split -> fit (per-epoch metrics) -> operating point on validation -> rep
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -87,9 +88,15 @@ def evaluate_external(model: torch.nn.Module, folder: str, spec: PreprocessSpec,
     return name, metrics
 
 
-def log_audit(location: Path, seed: int) -> None:
+@functools.lru_cache(maxsize=4)
+def cached_audit(location: str, seed: int, digest: str) -> dict:
+    """One audit per dataset and process: a search's trials share it instead of repeating it."""
+    return audit_dataset(location, seed=seed)
+
+
+def log_audit(location: Path, seed: int, digest: str) -> None:
     """The data audit of every training run: metrics, verdict, JSON and figure."""
-    report = audit_dataset(location, seed=seed)
+    report = cached_audit(str(location), seed, digest)
     tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix="audit_")
     mlflow.set_tag("audit_verdict", report["verdict"])
     tracking.log_json(public_report(report), "audit/audit.json")
@@ -135,7 +142,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     mlflow.log_metric("data_skipped_files", len(data.skipped))
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
-    log_audit(location, cfg.seed)
+    log_audit(location, cfg.seed, data.digest)
 
     model = build_model(cfg.model, cfg.channels, cfg.pretrained)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
