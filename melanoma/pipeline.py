@@ -107,8 +107,9 @@ def log_report(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, p
                threshold: float, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device) -> dict[str, float]:
     """Final metrics at 0.5 and at the operating threshold, confusion matrices, ROC, Grad-CAM."""
     report = classification_metrics(labels, probs, 0.5)
-    tracking.log_metrics(report, prefix=f"{split}_")
-    tracking.log_metrics(classification_metrics(labels, probs, threshold), prefix=f"{split}_op_")
+    if split != "val":  # validation's are logged already, as best_val_* and val_op_*
+        tracking.log_metrics(report, prefix=f"{split}_")
+        tracking.log_metrics(classification_metrics(labels, probs, threshold), prefix=f"{split}_op_")
     for name, t in (("0.5", 0.5), ("operating", threshold)):
         tracking.log_figure(confusion_figure(labels, probs, t, f"{split} set, {name} threshold"),
                             f"evaluation/confusion_{split}_{name}_threshold.png")
