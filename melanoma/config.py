@@ -12,21 +12,25 @@ AUGMENTATIONS = ("none", "flip", "full")
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Field names are the logged MLflow params."""
+    """Everything that defines a training run. Field names are the logged MLflow params.
+
+    The defaults are the measured best of README's mitigation table (validation AUC and
+    specificity on external nevi, within 30 minutes of CPU training).
+    """
 
     model: str = "cnn"
     data: str = "demo"  # a Kaggle-layout folder, the Kaggle zip, or "demo"
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    img_size: int = 128
+    img_size: int = 96
     channels: int = 3  # 1 = the notebook's grayscale, 3 = RGB
     seed: int = 42
     pretrained: str = "false"  # "true" (torchvision ImageNet weights), "false", or a weights file
     patience: int = 4  # early stopping: epochs without val_auc improvement
     val_fraction: float = 0.15
-    augment: str = "full"  # none | flip | full (flips, rotations, resized crops, colour)
-    color_constancy: bool = True  # Shades of Gray white balance in preprocessing
+    augment: str = "flip"  # none | flip | full (flips, rotations, resized crops, colour, blur)
+    color_constancy: bool = False  # Shades of Gray white balance in preprocessing
     mask_corners: bool = False  # black out everything outside the inscribed circle
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
     external: str = ""  # extra evaluation-only folders, comma-separated
