@@ -228,8 +228,8 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
         try:
-            experiment = mlflow.set_experiment("bench")
-            with mlflow.start_run(experiment_id=experiment.experiment_id):
+            experiment_id = mlflow.MlflowClient().create_experiment("bench")
+            with mlflow.start_run(experiment_id=experiment_id):
                 model_uri = tracking.log_classifier(build_model(cfg.model, cfg.channels), cfg.model, spec, 0.5, jpegs[0])
             pyfunc = mlflow.pyfunc.load_model(model_uri)
             one = pd.DataFrame({"image": encoded[:1]})

@@ -20,6 +20,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(uri)
+    # mlflow.set_experiment() in an earlier test leaves its experiment active for the process.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     while mlflow.active_run():
