@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import cv2
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 class GradCAM:
@@ -79,14 +83,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 
 def gradcam_panel(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                  class_names: tuple[str, ...]) -> "plt.Figure":
+                  class_names: tuple[str, ...]) -> plt.Figure:
     """A figure with two rows per group of images: originals above, Grad-CAM overlays below,
     each titled with the true label and the predicted malignant probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(images)
     cols = min(n, 8)
     groups = (n + cols - 1) // cols
