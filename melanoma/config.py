@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 MODELS = ("cnn", "resnet18")
-AUGMENTATIONS = ("none", "flip", "full")
+AUGMENTATIONS = ("none", "flip", "style", "full")
 
 
 @dataclass
@@ -29,7 +29,7 @@ class TrainConfig:
     pretrained: str = "false"  # "true" (torchvision ImageNet weights), "false", or a weights file
     patience: int = 4  # early stopping: epochs without val_auc improvement
     val_fraction: float = 0.15
-    augment: str = "flip"  # none | flip | full (flips, rotations, resized crops, colour, blur)
+    augment: str = "flip"  # none | flip | style (flips + colour statistics of another image) | full
     color_constancy: bool = False  # Shades of Gray white balance in preprocessing
     mask_corners: bool = False  # black out everything outside the inscribed circle
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this

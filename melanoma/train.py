@@ -52,10 +52,12 @@ def cpu_has_native_bf16() -> bool:
 def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Random augmentation of a float batch in [0, 1], one draw per image, no Python loop.
 
-    ``flip``: horizontal and vertical flips. ``full``: any rotation, flips, a random resized
-    crop with aspect-ratio jitter (one affine resampling), brightness/contrast/saturation
-    jitter, and down-and-up scaling of half the batch (blur, as from another camera's optics
-    or resolution). Lesions have no canonical orientation, so every rotation is label-preserving.
+    ``flip``: horizontal and vertical flips. ``style``: flips, and half the batch takes the
+    colour statistics of another image (see ``swap_colour_statistics``). ``full``: any rotation,
+    flips, a random resized crop with aspect-ratio jitter (one affine resampling),
+    brightness/contrast/saturation jitter, and down-and-up scaling of half the batch (blur, as
+    from another camera's optics or resolution). Lesions have no canonical orientation, so
+    every rotation is label-preserving.
     """
     if mode == "none":
         return x
@@ -66,7 +68,7 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
 
     flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    if mode == "flip":
+    if mode in ("flip", "style"):
         angle, scale, aspect = torch.zeros(n), torch.ones(n), torch.ones(n)
         shift = torch.zeros(n, 2)
     else:
@@ -91,7 +93,26 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
             x = gray + (x - gray) * uniform(0.8, 1.2).view(view).to(x)
         x = x.clamp_(0, 1)
         x = down_up_scale(x, generator)
+    if mode == "style":
+        x = swap_colour_statistics(x, generator)
     return x
+
+
+def swap_colour_statistics(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Give a random share ``p`` of the batch the per-channel mean and standard deviation of
+    another image in the batch (Reinhard-style colour transfer).
+
+    In melanoma10k the photo source, and with it brightness and colour cast, predicts the class;
+    after the swap an image's global colour statistics say nothing about its label, so the
+    network has to use the lesion's structure instead.
+    """
+    n = len(x)
+    partner = torch.randperm(n, generator=generator)
+    chosen = (torch.rand(n, generator=generator) < p).view(n, 1, 1, 1).to(x.device)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+    swapped = ((x - mean) / std * std[partner] + mean[partner]).clamp_(0, 1)
+    return torch.where(chosen, swapped, x)
 
 
 def down_up_scale(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:

@@ -4,12 +4,12 @@ import torch
 
 from melanoma.data import PreprocessSpec, prepare_dataset, split_train_val
 from melanoma.models import build_model
-from melanoma.train import augment, class_weights, fit, malignant_probability, predict_logits
+from melanoma.train import augment, class_weights, fit, malignant_probability, predict_logits, swap_colour_statistics
 
 SPEC = PreprocessSpec(img_size=32)
 
 
-@pytest.mark.parametrize("mode", ["none", "flip", "full"])
+@pytest.mark.parametrize("mode", ["none", "flip", "style", "full"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_augment_keeps_shape_and_range(mode, channels):
     x = torch.rand(6, channels, 32, 32)
@@ -24,6 +24,21 @@ def test_flip_mode_only_flips():
     out = augment(x, "flip", torch.Generator().manual_seed(0))
     for a, b in zip(x, out):
         assert any(torch.allclose(b, v, atol=1e-5) for v in (a, a.flip(-1), a.flip(-2), a.flip(-1).flip(-2)))
+
+
+def test_colour_swap_takes_the_partners_statistics():
+    # Four flat-ish images with distinct colour statistics; every image is swapped (p=1).
+    x = torch.stack([torch.rand(3, 16, 16) * 0.2 + level for level in (0.1, 0.3, 0.5, 0.7)])
+    out = swap_colour_statistics(x, torch.Generator().manual_seed(0), p=1.0)
+    means_in, means_out = x.mean(dim=(2, 3)), out.mean(dim=(2, 3))
+    stds_in, stds_out = x.std(dim=(2, 3)), out.std(dim=(2, 3))
+    for i in range(len(x)):
+        j = next(k for k in range(len(x)) if torch.allclose(means_out[i], means_in[k], atol=1e-4))
+        assert torch.allclose(stds_out[i], stds_in[j], atol=1e-4)
+        # The structure is kept: the swapped image is an affine map of the original per channel.
+        for c in range(3):
+            assert torch.corrcoef(torch.stack([x[i, c].flatten(), out[i, c].flatten()]))[0, 1] > 0.999
+    assert not torch.equal(out, x)
 
 
 def test_class_weights_balance_the_classes():
