@@ -39,7 +39,7 @@ from melanoma import tracking
 from melanoma.config import TrainConfig
 from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
 from melanoma.models import build_model
-from melanoma.train import class_weights, make_batch, select_device, train_step
+from melanoma.train import class_weights, make_batch, recycle_freed_memory, select_device, train_step
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,16 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_image = counter.get_total_flops() / batch
-    for _ in range(WARMUP_STEPS - 1):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - start), flops_per_image
+    with recycle_freed_memory():
+        for _ in range(WARMUP_STEPS - 1):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return batch * steps / seconds, flops_per_image
 
 
 def synchronize(device: torch.device) -> None:

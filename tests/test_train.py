@@ -4,7 +4,9 @@ import torch
 
 from melanoma.data import PreprocessSpec, prepare_dataset, split_train_val
 from melanoma.models import build_model
-from melanoma.train import augment, class_weights, fit, malignant_probability, predict_logits, swap_colour_statistics
+from melanoma import train
+from melanoma.train import (GLIBC_MALLOPT_DEFAULTS, M_MMAP_MAX, M_TRIM_THRESHOLD, augment, class_weights, fit,
+                            malignant_probability, predict_logits, recycle_freed_memory, swap_colour_statistics)
 
 SPEC = PreprocessSpec(img_size=32)
 
@@ -39,6 +41,20 @@ def test_colour_swap_takes_the_partners_statistics():
         for c in range(3):
             assert torch.corrcoef(torch.stack([x[i, c].flatten(), out[i, c].flatten()]))[0, 1] > 0.999
     assert not torch.equal(out, x)
+
+
+def test_recycle_freed_memory_sets_and_restores_glibc_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "glibc_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    with recycle_freed_memory() as active:
+        assert active and calls == [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30)]
+    assert calls[2:] == list(GLIBC_MALLOPT_DEFAULTS.items())
+
+
+def test_recycle_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(train, "glibc_mallopt", lambda: None)
+    with recycle_freed_memory() as active:
+        assert not active
 
 
 def test_class_weights_balance_the_classes():
