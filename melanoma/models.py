@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from melanoma.conv import Conv3x3
+
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
@@ -20,13 +22,15 @@ class NotebookCNN(nn.Module):
 
     Each block applies max-pool before ReLU: the two commute exactly (ReLU is monotone), so the
     function and its gradients are the notebook's, but ReLU runs on a quarter of the values.
+    The convolutions are ``Conv3x3``: ``nn.Conv2d(cin, cout, 3, padding=1)`` with a faster
+    weight gradient on the CPU.
     """
 
     def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
+            return nn.Sequential(Conv3x3(cin, cout), nn.BatchNorm2d(cout),
                                  nn.MaxPool2d(2), nn.ReLU(inplace=True))
 
         self.features = nn.Sequential(block(channels, 32), block(32, 64), block(64, 128))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from melanoma.bench import notebook_cnn
 from melanoma.models import NotebookCNN, PretrainedWeightsError, build_model, fold_conv1, gradcam_layer
 
 
@@ -34,6 +35,25 @@ def test_pool_before_relu_computes_the_notebooks_conv_bn_relu_pool():
     notebook_order = nn.Sequential(conv, bn, nn.ReLU(), pool)
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(ours(x), notebook_order(x))
+
+
+def test_cnn_has_the_notebooks_function_and_gradients():
+    """Our CNN (pool before ReLU, fast conv weight gradients, channels-last) against the notebook's
+    layer order with plain nn.Conv2d, same weights: same logits and same gradients in training."""
+    torch.manual_seed(0)
+    ours = NotebookCNN(1).train()
+    notebook = notebook_cnn().train()
+    for a, b in zip(notebook.parameters(), ours.parameters(), strict=True):
+        a.data.copy_(b.data)
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 32, 32)
+    ours.classifier[3].p = notebook[-2].p = 0.0  # dropout draws differ between the two graphs
+    out_ours, out_notebook = ours(x.contiguous(memory_format=torch.channels_last)), notebook(x)
+    torch.testing.assert_close(out_ours, out_notebook, atol=1e-5, rtol=1e-4)
+    out_ours.sum().backward()
+    out_notebook.sum().backward()
+    for a, b in zip(notebook.parameters(), ours.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3)
 
 
 @pytest.fixture
