@@ -37,6 +37,7 @@ from torchvision import transforms
 
 from melanoma import tracking
 from melanoma.config import TrainConfig
+from melanoma.pipeline import spec_from_config
 from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
 from melanoma.models import build_model
 from melanoma.train import class_weights, make_batch, recycle_freed_memory, select_device, train_step
@@ -222,7 +223,7 @@ def post_images(url: str, encoded: list[str]) -> bytes:
 
 def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests: int = 100) -> dict:
     """Latency of the logged pyfunc for the default model on real JPEG files, in-process and over HTTP."""
-    spec = PreprocessSpec(cfg.img_size, cfg.channels, cfg.color_constancy, cfg.mask_corners)
+    spec = spec_from_config(cfg)
     encoded = [base64.b64encode(j).decode("ascii") for j in jpegs]
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

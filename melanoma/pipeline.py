@@ -53,7 +53,7 @@ def resolve_data(cfg: TrainConfig) -> tuple[Path, bool]:
 
 def spec_from_config(cfg: TrainConfig) -> PreprocessSpec:
     return PreprocessSpec(img_size=cfg.img_size, channels=cfg.channels, color_constancy=cfg.color_constancy,
-                          mask_corners=cfg.mask_corners)
+                          mask_corners=cfg.mask_corners, crop_lesion=cfg.crop_lesion)
 
 
 def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:

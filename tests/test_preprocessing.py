@@ -8,6 +8,7 @@ import torch
 
 import melanoma.data.preprocessing as preprocessing
 from melanoma.data import InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize, preprocess
+from melanoma.data.preprocessing import lesion_box
 
 
 def encode(image: np.ndarray, ext: str) -> bytes:
@@ -92,3 +93,40 @@ def test_normalize_uses_the_spec_statistics():
     expected = (1 - torch.tensor(PreprocessSpec().mean)) / torch.tensor(PreprocessSpec().std)
     torch.testing.assert_close(out[0, :, 0, 0], expected)
     torch.testing.assert_close(normalize(batch.float() / 255, PreprocessSpec()), out)
+
+
+def skin_with_lesion(h: int, w: int, centre: tuple[int, int], radius: int, vignette: bool = False) -> np.ndarray:
+    image = np.full((h, w, 3), (230, 190, 170), np.uint8)
+    cv2.circle(image, centre, radius, (90, 50, 40), thickness=-1)
+    if vignette:
+        ring = np.zeros((h, w), np.uint8)
+        cv2.circle(ring, (w // 2, h // 2), min(h, w) // 2, 1, thickness=-1)
+        image[ring == 0] = 0
+    return image
+
+
+def test_lesion_box_frames_the_lesion_with_the_images_aspect():
+    image = skin_with_lesion(300, 400, centre=(230, 160), radius=30)
+    x, y, w, h = lesion_box(image)
+    assert w / h == pytest.approx(400 / 300, rel=0.02)
+    assert x <= 230 - 30 and x + w >= 230 + 30 and y <= 160 - 30 and y + h >= 160 + 30
+    assert w <= 400 / 2  # zoomed in: a 60 px lesion does not need most of the frame
+
+
+def test_lesion_box_ignores_a_dark_vignette_and_keeps_a_third_at_least():
+    image = skin_with_lesion(300, 300, centre=(150, 150), radius=5, vignette=True)
+    x, y, w, h = lesion_box(image)
+    assert (w, h) == (100, 100)
+    assert abs(x - 100) <= 2 and abs(y - 100) <= 2  # centred on the lesion, not pulled to the dark rim
+
+
+def test_lesion_box_without_a_blob_is_the_whole_image():
+    assert lesion_box(np.full((120, 90, 3), 200, np.uint8)) == (0, 0, 90, 120)
+
+
+def test_crop_lesion_spec_zooms_in_on_small_lesions():
+    image = skin_with_lesion(300, 300, centre=(150, 150), radius=40)
+    plain = preprocess(image, PreprocessSpec(img_size=64, crop_lesion=False))
+    cropped = preprocess(image, PreprocessSpec(img_size=64, crop_lesion=True))
+    assert cropped.shape == plain.shape
+    assert (cropped.mean(0) < 128).mean() > 2 * (plain.mean(0) < 128).mean()

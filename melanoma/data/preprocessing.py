@@ -39,6 +39,7 @@ class PreprocessSpec:
     channels: int = 3
     color_constancy: bool = True
     mask_corners: bool = False
+    crop_lesion: bool = False
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -110,10 +111,48 @@ def mask_outside_circle(image: np.ndarray) -> np.ndarray:
     return image * mask[..., None]
 
 
+def lesion_box(image: np.ndarray, margin: float = 0.2, min_fraction: float = 1 / 3) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of a crop around the lesion, with the image's aspect ratio.
+
+    The lesion is the largest blob darker than the skin (Otsu's threshold on a blurred grayscale
+    copy, searched inside the central ellipse so a dark vignette does not count). The crop
+    spans the same fraction of the width and of the height, at least ``min_fraction``, so it is
+    squashed to a square exactly as the whole image would be. Without a blob, the whole image.
+    """
+    h, w = image.shape[:2]
+    scale = 128 / max(h, w)
+    small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), 2)
+    sh, sw = small.shape
+    yy, xx = np.mgrid[:sh, :sw]
+    inside = ((yy - (sh - 1) / 2) / (0.45 * sh)) ** 2 + ((xx - (sw - 1) / 2) / (0.45 * sw)) ** 2 <= 1
+    threshold, _ = cv2.threshold(small[inside].reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    dark = ((small < threshold) & inside).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(dark)
+    if count < 2:
+        return 0, 0, w, h
+    bx, by, bw, bh, _ = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))]
+    fraction = float(np.clip(max(bw / sw, bh / sh) * (1 + 2 * margin), min_fraction, 1.0))
+    cw, ch = round(w * fraction), round(h * fraction)
+    cx, cy = (bx + bw / 2) / scale, (by + bh / 2) / scale
+    x0 = int(np.clip(round(cx - cw / 2), 0, w - cw))
+    y0 = int(np.clip(round(cy - ch / 2), 0, h - ch))
+    return x0, y0, cw, ch
+
+
+def crop_to_lesion(image: np.ndarray) -> np.ndarray:
+    """The image cut to ``lesion_box``: lesions fill the frame whatever the photographer's zoom."""
+    x, y, w, h = lesion_box(image)
+    return image[y:y + h, x:x + w]
+
+
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> uint8 (C, H, W) at ``spec.img_size`` square."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidImageError(f"expected an RGB array (H, W, 3), got shape {image.shape}")
+    if spec.crop_lesion:
+        image = crop_to_lesion(image)
     size = spec.img_size
     interpolation = cv2.INTER_AREA if min(image.shape[:2]) >= size else cv2.INTER_LINEAR
     resized = cv2.resize(image, (size, size), interpolation=interpolation)
@@ -128,7 +167,9 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def load_for_model(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Image file bytes -> uint8 (C, H, W): decoding and preprocessing in one call."""
-    return preprocess(decode_image(data, min_side=spec.img_size), spec)
+    # A lesion crop keeps at least a third of each side: decode at enough resolution for it.
+    min_side = 3 * spec.img_size if spec.crop_lesion else spec.img_size
+    return preprocess(decode_image(data, min_side=min_side), spec)
 
 
 def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
