@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Bytes of input and output gradient per block of pixels: about what stays in cache while the
+# nine taps reuse it (4 MB measured fastest of 1, 4 and 16 MB on this project's CPU).
+BLOCK_BYTES = 4 << 20
+
+
 def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(weight) of a stride-1, padding-1, 3x3 convolution: (C_out, C_in, 3, 3).
 
@@ -21,7 +26,7 @@ def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor
     (kh, kw) is an offset into the flattened rows, so every tap is one batched matrix product
     of the input (C_in x pixels) and the output gradient (pixels x C_out). The output gradient
     is padded with two zero columns per row too, so the pixels that wrap around into the next
-    row contribute nothing.
+    row contribute nothing. Pixels go in blocks, all nine taps per block, to reuse the cache.
     """
     n, c_in, h, w = x.shape
     c_out = grad_out.shape[1]
@@ -30,12 +35,15 @@ def conv3x3_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor
     # (n, c_in, (h + 3) * row): one extra zero row keeps the last tap's window inside the buffer.
     x_rows = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 2)).reshape(n, (h + 3) * row, c_in).transpose(1, 2)
     g_rows = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, 0, 2)).reshape(n, pixels, c_out)
-    grad = x.new_empty(3, 3, c_in, c_out)
-    for kh in range(3):
-        for kw in range(3):
-            offset = kh * row + kw
-            grad[kh, kw] = torch.bmm(x_rows[:, :, offset:offset + pixels], g_rows).sum(0)
-    return grad.permute(3, 2, 0, 1)
+    block = max(256, BLOCK_BYTES // (x.element_size() * n * (c_in + c_out)))
+    grad = x.new_zeros(9, n, c_in, c_out)
+    for start in range(0, pixels, block):
+        stop = min(pixels, start + block)
+        g_block = g_rows[:, start:stop]
+        for tap in range(9):
+            offset = (tap // 3) * row + tap % 3
+            grad[tap].baddbmm_(x_rows[:, :, offset + start:offset + stop], g_block)
+    return grad.sum(1).view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
 
 
 class _Conv3x3Function(torch.autograd.Function):
