@@ -32,7 +32,7 @@ class TrainConfig:
     augment: str = "flip"  # none | flip | style (flips + colour statistics of another image) | full
     color_constancy: bool = False  # Shades of Gray white balance in preprocessing
     mask_corners: bool = False  # black out everything outside the inscribed circle
-    crop_lesion: bool = False  # cut each image to the dark blob in its centre (the lesion) first
+    crop_lesion: bool = True  # cut each image to the dark blob in its centre (the lesion) first
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
     external: str = ""  # extra evaluation-only folders, comma-separated
     gradcam_images: int = 8
