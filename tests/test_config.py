@@ -26,8 +26,12 @@ def test_mlproject_search_takes_the_settings_and_search_parameters():
     required = {"model", "data", "n_trials", "timeout", "epochs", "img_size", "channels", "storage",
                 "study_name", "registered_model", "alias"}
     assert required <= set(search["parameters"])
-    for name in search["parameters"]:
+    cfg, settings = TrainConfig(), {f.name for f in fields(TrainConfig)}
+    for name, spec in search["parameters"].items():
         assert f"{{{name}}}" in search["command"]
+        if name in settings:  # the search starts from main's defaults
+            default = getattr(cfg, name)
+            assert spec["default"] == (str(default).lower() if isinstance(default, bool) else default), name
 
 
 @pytest.mark.parametrize("field, value, message", [
