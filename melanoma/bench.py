@@ -38,9 +38,9 @@ from torchvision import transforms
 from melanoma import tracking
 from melanoma.config import TrainConfig
 from melanoma.conv import Conv3x3
-from melanoma.pipeline import spec_from_config
 from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
 from melanoma.models import build_model
+from melanoma.pipeline import spec_from_config
 from melanoma.train import (class_weights, glibc_mallopt, make_batch, recycle_freed_memory, select_device,
                             train_step)
 

@@ -3,7 +3,8 @@
 On this project's CPU (oneDNN in torch 2.14, channels-last, 224 px, batch 16), the weight
 gradients of the notebook CNN's three 3x3 convolutions take 90, 172 and 125 ms per step, more
 than the forward pass of the whole network. Written as nine batched matrix products over the
-zero-padded, row-flattened image, the same sums take 56, 93 and 77 ms. The forward pass and the
+zero-padded, row-flattened image, in cache-sized blocks of pixels, the same sums take about
+40, 88 and 85 ms. The forward pass and the
 input gradient stay with oneDNN, which is fast at both.
 """
 
@@ -60,7 +61,7 @@ class _Conv3x3Function(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=1)
         if ctx.needs_input_grad[1]:
-            grad_weight = conv3x3_weight_grad(x, grad_out).to(weight.dtype)
+            grad_weight = conv3x3_weight_grad(x, grad_out)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3))
         return grad_x, grad_weight, grad_bias
