@@ -40,9 +40,8 @@ from melanoma.config import TrainConfig
 from melanoma.conv import Conv3x3
 from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
 from melanoma.models import build_model
-from melanoma.pipeline import spec_from_config
-from melanoma.train import (class_weights, glibc_mallopt, make_batch, recycle_freed_memory, select_device,
-                            train_step)
+from melanoma.train import (class_weights, glibc_mallopt, grad_scaler, make_batch, recycle_freed_memory,
+                            select_device, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +113,13 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     weights = class_weights(labels).to(device)
     generator = torch.Generator().manual_seed(0)
+    scaler = grad_scaler(device)
     batch = NOTEBOOK["batch_size"]
 
     def step() -> None:
         idx = torch.randint(len(images_t), (batch,), generator=generator)
         x, y = make_batch(images_t[idx], labels_t[idx], spec, "full", generator, device)
-        train_step(model, optimizer, x, y, weights, device)
+        train_step(model, optimizer, scaler, x, y, weights, device)
 
     # Count the FLOPs of the standard convolution (the work the maths needs), not of Conv3x3's
     # faster weight gradient, whose batched matmuls the counter does not see.
@@ -227,7 +227,7 @@ def post_images(url: str, encoded: list[str]) -> bytes:
 
 def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests: int = 100) -> dict:
     """Latency of the logged pyfunc for the default model on real JPEG files, in-process and over HTTP."""
-    spec = spec_from_config(cfg)
+    spec = cfg.preprocess_spec()
     encoded = [base64.b64encode(j).decode("ascii") for j in jpegs]
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

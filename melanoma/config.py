@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from melanoma.data.preprocessing import PreprocessSpec
 
 MODELS = ("cnn", "resnet18")
 AUGMENTATIONS = ("none", "flip", "style", "full")
@@ -58,6 +62,13 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_sensitivity < 1:
             raise ValueError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The preprocessing these settings train with, and the logged model serves with."""
+        from melanoma.data.preprocessing import PreprocessSpec  # here, so the CLI's --help needs no torch
+
+        return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
+                              mask_corners=self.mask_corners, crop_lesion=self.crop_lesion)
 
     @property
     def external_dirs(self) -> list[str]:

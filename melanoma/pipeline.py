@@ -21,10 +21,9 @@ from melanoma.data import (
     CLASSES,
     PreparedData,
     PreprocessSpec,
-    cache_dir,
-    demo_dataset,
     prepare_dataset,
     read_file,
+    resolve_dataset,
     split_train_val,
 )
 from melanoma.evaluate import (
@@ -36,24 +35,13 @@ from melanoma.evaluate import (
 )
 from melanoma.gradcam import GradCAM, gradcam_panel
 from melanoma.models import build_model, gradcam_layer
-from melanoma.train import EpochCallback, fit, malignant_probability, predict_logits, select_device, to_model_input
+from melanoma.train import (EpochCallback, evaluate_folder, fit, malignant_probability, predict_logits, select_device,
+                            to_model_input)
 
 log = logging.getLogger(__name__)
 
 AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pairs", "cross_split_duplicate_pairs",
                  "conflicting_label_pairs")
-
-
-def resolve_data(cfg: TrainConfig) -> tuple[Path, bool]:
-    """The dataset location and whether it is the synthetic demo set."""
-    if cfg.data == "demo":
-        return demo_dataset(cfg.demo_size, cfg.seed, cache_dir()), True
-    return Path(cfg.data).expanduser(), False
-
-
-def spec_from_config(cfg: TrainConfig) -> PreprocessSpec:
-    return PreprocessSpec(img_size=cfg.img_size, channels=cfg.channels, color_constancy=cfg.color_constancy,
-                          mask_corners=cfg.mask_corners, crop_lesion=cfg.crop_lesion)
 
 
 def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
@@ -74,18 +62,6 @@ def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     with GradCAM(model, gradcam_layer(model)) as cam:
         maps = cam(x).cpu().numpy()
     return gradcam_panel(images[chosen], maps, labels[chosen], probs[chosen], CLASSES)
-
-
-def evaluate_external(model: torch.nn.Module, folder: str, spec: PreprocessSpec, threshold: float,
-                      device: torch.device) -> tuple[str, dict[str, float]]:
-    """Metrics on an evaluation-only folder (never used for model selection)."""
-    data = prepare_dataset(folder, spec, require_train=False)
-    probs = malignant_probability(predict_logits(model, data.images, spec, device))
-    name = Path(folder).resolve().name
-    metrics = classification_metrics(data.labels, probs, threshold)
-    metrics["count"] = len(data.labels)
-    metrics["mean_malignant_probability"] = float(probs.mean())
-    return name, metrics
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,8 +105,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = select_device()
-    spec = spec_from_config(cfg)
-    location, synthetic = resolve_data(cfg)
+    spec = cfg.preprocess_spec()
+    location, synthetic = resolve_dataset(cfg.data, cfg.demo_size, cfg.seed)
 
     mlflow.set_tags({"dataset": "synthetic-demo" if synthetic else "real", "synthetic_data": str(synthetic).lower(),
                      "model_family": cfg.model, "device": device.type})
@@ -172,7 +148,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
                         threshold, cfg, spec, device)
 
     for folder in cfg.external_dirs:
-        name, metrics = evaluate_external(model, folder, spec, threshold, device)
+        name, metrics = evaluate_folder(model, folder, spec, threshold, device)
         tracking.log_metrics(metrics, prefix=f"external_{name}_")
 
     example_bytes = read_file(location, data.paths[report_idx[0]])

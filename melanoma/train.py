@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from melanoma.data.dataset import prepare_dataset
 from melanoma.data.preprocessing import PreprocessSpec, normalize
 from melanoma.evaluate import classification_metrics
 
@@ -35,13 +37,25 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """Mixed precision where it pays: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 units
-    (on AVX2-only CPUs emulated bf16 is several times slower than fp32, measured)."""
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type where it pays, else None (fp32): bf16 on CUDA, fp16 on GPUs
+    without bf16, bf16 on CPUs with native bf16 units (on AVX2-only CPUs emulated bf16 is
+    several times slower than fp32, measured)."""
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling, on only for fp16 (whose small range lets gradients underflow to zero)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
 
 
 # glibc's mallopt parameters and their default values (malloc.h).
@@ -180,20 +194,24 @@ def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.devi
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec, augment_mode: str,
                generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uint8 batch -> augmented, normalised model input and labels on ``device``."""
-    x = augment(images.float().div_(255), augment_mode, generator)
+    """A uint8 batch -> augmented, normalised model input and labels on ``device``.
+
+    The batch moves as uint8 (a quarter of the bytes) and is augmented where the model runs.
+    """
+    x = augment(images.to(device, non_blocking=True).float().div_(255), augment_mode, generator)
     return to_model_input(x, spec, device), labels.to(device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               weights: torch.Tensor | None, device: torch.device) -> tuple[float, torch.Tensor]:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+               y: torch.Tensor, weights: torch.Tensor | None, device: torch.device) -> tuple[float, torch.Tensor]:
     """One optimisation step; returns the loss and the (detached) logits."""
     with autocast(device):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, weight=weights)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return loss.item(), logits.detach()
 
 
@@ -216,6 +234,18 @@ def malignant_probability(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
 
+def evaluate_folder(model: nn.Module, folder: str | Path, spec: PreprocessSpec, threshold: float,
+                    device: torch.device) -> tuple[str, dict[str, float]]:
+    """The folder's name and the model's metrics on it, at ``threshold``: for evaluation-only
+    sets, never for model selection."""
+    data = prepare_dataset(folder, spec, require_train=False)
+    probs = malignant_probability(predict_logits(model, data.images, spec, device))
+    metrics = classification_metrics(data.labels, probs, threshold)
+    metrics["count"] = len(data.labels)
+    metrics["mean_malignant_probability"] = float(probs.mean())
+    return Path(folder).resolve().name, metrics
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -225,7 +255,8 @@ class FitResult:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, spec: PreprocessSpec, *,
+                scaler: torch.amp.GradScaler, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                spec: PreprocessSpec, *,
                 batch_size: int, augment_mode: str, generator: torch.Generator, device: torch.device,
                 desc: str) -> tuple[float, float]:
     """One shuffled pass over uint8 ``images``, stepping the scheduler per batch; returns the
@@ -237,7 +268,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     for start in bar:
         idx = order[start:start + batch_size]
         x, y = make_batch(images[idx], labels[idx], spec, augment_mode, generator, device)
-        loss, logits = train_step(model, optimizer, x, y, weights, device)
+        loss, logits = train_step(model, optimizer, scaler, x, y, weights, device)
         scheduler.step()
         total_loss += loss * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
@@ -261,6 +292,7 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(images) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    scaler = grad_scaler(device)
     val_targets = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
 
     result = FitResult(best_epoch=0, best_val_auc=-math.inf)
@@ -269,7 +301,7 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             current_lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_accuracy = train_epoch(model, optimizer, scheduler, images, labels, weights, spec,
+            train_loss, train_accuracy = train_epoch(model, optimizer, scheduler, scaler, images, labels, weights, spec,
                                                      batch_size=batch_size, augment_mode=augment_mode,
                                                      generator=generator, device=device,
                                                      desc=f"epoch {epoch}/{epochs}")

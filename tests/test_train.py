@@ -101,3 +101,27 @@ def test_early_stopping_and_a_callback_can_stop_training(demo_root):
 
     with pytest.raises(KeyboardInterrupt):
         tiny_fit(data, fit_idx, val_idx, seed=0, callback=stop)
+
+
+def test_mixed_precision_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.amp_dtype(torch.device("cuda")) == torch.float16  # an older GPU: fp16, with loss scaling
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.amp_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.amp_dtype(torch.device("cpu")) is None
+    assert not train.grad_scaler(torch.device("cpu")).is_enabled()
+
+
+def test_a_loss_scaled_step_updates_like_an_unscaled_one():
+    x = torch.randn(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 0, 1])
+    models = []
+    for scaler in (torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        torch.manual_seed(0)
+        model = build_model("cnn", 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train.train_step(model, optimizer, scaler, x, y, None, torch.device("cpu"))
+        models.append(model)
+    for plain, scaled in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(plain, scaled)

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from melanoma.data.dataset import cache_dir
 from melanoma.data.layout import CLASSES
 
 SKIN_TONES = np.array([[224, 186, 160], [205, 160, 130], [180, 130, 100], [235, 200, 180]], np.float32)
@@ -79,3 +80,10 @@ def demo_dataset(per_class: int, seed: int, base: Path) -> Path:
         make_demo_dataset(root, per_class=per_class, seed=seed)
         (root / ".complete").touch()
     return root
+
+
+def resolve_dataset(data: str, demo_size: int, seed: int) -> tuple[Path, bool]:
+    """Where ``data`` is and whether it is the synthetic demo set ("demo": made in the cache)."""
+    if data == "demo":
+        return demo_dataset(demo_size, seed, cache_dir()), True
+    return Path(data).expanduser(), False
