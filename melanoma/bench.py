@@ -40,7 +40,7 @@ from melanoma.config import TrainConfig
 from melanoma.conv import Conv3x3
 from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
 from melanoma.models import build_model
-from melanoma.train import (adam, class_weights, glibc_mallopt, grad_scaler, make_batch, recycle_freed_memory,
+from melanoma.train import (class_weights, glibc_mallopt, grad_scaler, make_batch, recycle_freed_memory,
                             select_device, train_step)
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
     """(images per second, FLOPs per image) of our training step at the notebook's batch size."""
     torch.manual_seed(0)
     model = build_model(model_name, spec.channels).to(device).to(memory_format=torch.channels_last).train()
-    optimizer = adam(model, NOTEBOOK["lr"], device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     weights = class_weights(labels).to(device)
     generator = torch.Generator().manual_seed(0)

@@ -125,8 +125,3 @@ def test_a_loss_scaled_step_updates_like_an_unscaled_one():
         models.append(model)
     for plain, scaled in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(plain, scaled)
-
-
-def test_adam_is_fused_on_the_cpu():
-    optimizer = train.adam(build_model("cnn", 1), 1e-3, torch.device("cpu"))
-    assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == 1e-3
