@@ -1,6 +1,6 @@
 """What would pruning have saved? Replay a finished, unpruned study through a pruner.
 
-    python -m experiments.pruning_replay --storage sqlite:///optuna.db --study_name melanoma-cnn
+    python -m experiments.pruning_replay --storage sqlite:///optuna.db --study_name melanoma-resnet18
 
 Every trial of an unpruned study ran all its epochs, so its learning curve is known. Replaying
 the trials in their original order through the same pruner the search uses (Optuna's own

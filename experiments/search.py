@@ -44,7 +44,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_trials", type=int, default=20, help="trials the study should have in total")
     parser.add_argument("--timeout", type=float, default=0, help="stop starting trials after this many seconds (0: none)")
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
-    parser.add_argument("--study_name", default=None, help="default: melanoma-<model>")
+    parser.add_argument("--study_name", default=None, help="empty or left out: melanoma-<model>")
     parser.add_argument("--registered_model", default=tracking.REGISTERED_MODEL)
     parser.add_argument("--alias", default=tracking.DEFAULT_ALIAS)
     parser.add_argument("--pruner", choices=PRUNERS, default="median")

@@ -22,12 +22,12 @@ class TrainConfig:
     specificity on external nevi, within 30 minutes of CPU training).
     """
 
-    model: str = "cnn"
+    model: str = "resnet18"
     data: str = "demo"  # a Kaggle-layout folder, the Kaggle zip, or "demo"
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    img_size: int = 96
+    img_size: int = 64
     channels: int = 3  # 1 = the notebook's grayscale, 3 = RGB
     seed: int = 42
     pretrained: str = "false"  # "true" (torchvision ImageNet weights), "false", or a weights file

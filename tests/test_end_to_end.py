@@ -121,11 +121,11 @@ def test_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("melanoma-classifier", "champion")
-    assert version.tags["study"] == "melanoma-cnn" and version.tags["metric"] == "val_auc"
+    assert version.tags["study"] == f"melanoma-{base.model}" and version.tags["metric"] == "val_auc"
     assert version.tags["run"] == summary["best_run_id"]
     assert float(version.tags["value"]) == pytest.approx(summary["best_val_auc"])
     parent = client.get_run(client.get_run(summary["best_run_id"]).data.tags["mlflow.parentRunId"])
-    assert parent.data.params["study_name"] == "melanoma-cnn" and "best_lr" in parent.data.params
+    assert parent.data.params["study_name"] == f"melanoma-{base.model}" and "best_lr" in parent.data.params
     assert {"search/optimization_history.png", "search/param_importances.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     children = client.search_runs([parent.info.experiment_id],
