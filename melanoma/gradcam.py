@@ -20,7 +20,7 @@ class GradCAM:
     gradient is taken with a tensor hook on the layer's output (not a module backward hook,
     which breaks on in-place ReLU), and the model's train/eval mode is restored on exit.
 
-        with GradCAM(model, gradcam_layer(model)) as cam:
+        with GradCAM(model, gradcam_layer(model, img_size)) as cam:
             maps = cam(batch)            # (N, H, W) in [0, 1], for the predicted classes
     """
 

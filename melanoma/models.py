@@ -109,10 +109,19 @@ def build_model(name: str, channels: int, pretrained: str = "false") -> nn.Modul
     raise ValueError(f"unknown model {name!r}; choose cnn or resnet18")
 
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional stage: the finest spatial map that still carries class evidence."""
+# Grad-CAM's map has the target layer's resolution: below 4 pixels across it says only which
+# quadrant mattered (ResNet-18's last stage is 2x2 for 64 px inputs).
+MIN_GRADCAM_CELLS = 4
+
+
+def gradcam_layer(model: nn.Module, img_size: int) -> nn.Module:
+    """The deepest convolutional stage (the most class-specific) whose map is at least
+    ``MIN_GRADCAM_CELLS`` pixels across for ``img_size`` inputs."""
     if isinstance(model, NotebookCNN):
         return model.features[-1]
-    if hasattr(model, "layer4"):
-        return model.layer4
+    if hasattr(model, "layer4"):  # torchvision ResNet: stages 1-4 at strides 4, 8, 16, 32
+        for stage, stride in ((model.layer4, 32), (model.layer3, 16), (model.layer2, 8)):
+            if img_size // stride >= MIN_GRADCAM_CELLS:
+                return stage
+        return model.layer1
     raise ValueError(f"no Grad-CAM target layer known for {type(model).__name__}")

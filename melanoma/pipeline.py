@@ -59,7 +59,7 @@ def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in (0, 1)])
     x = to_model_input(torch.from_numpy(images[chosen]), spec, device)
-    with GradCAM(model, gradcam_layer(model)) as cam:
+    with GradCAM(model, gradcam_layer(model, spec.img_size)) as cam:
         maps = cam(x).cpu().numpy()
     return gradcam_panel(images[chosen], maps, labels[chosen], probs[chosen], CLASSES)
 

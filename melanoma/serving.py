@@ -116,6 +116,6 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
     def explain(self, images: np.ndarray) -> list[np.ndarray]:
         """Grad-CAM overlays (RGB uint8) for each image's predicted class."""
         x = normalize(torch.from_numpy(images).to(self.device), self.spec)
-        with GradCAM(self.model, gradcam_layer(self.model)) as cam:
+        with GradCAM(self.model, gradcam_layer(self.model, self.spec.img_size)) as cam:
             maps = cam(x).cpu().numpy()
         return [overlay(np.ascontiguousarray(img.transpose(1, 2, 0)), m) for img, m in zip(images, maps)]

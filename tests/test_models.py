@@ -15,7 +15,15 @@ from melanoma.models import NotebookCNN, PretrainedWeightsError, build_model, fo
 def test_models_take_1_or_3_channels_and_give_2_logits(name, channels):
     model = build_model(name, channels).eval()
     assert model(torch.randn(2, channels, 64, 64)).shape == (2, 2)
-    assert isinstance(gradcam_layer(model), nn.Module)
+    assert isinstance(gradcam_layer(model, 64), nn.Module)
+
+
+def test_gradcam_uses_the_deepest_resnet_stage_at_least_4_pixels_across():
+    model = build_model("resnet18", 3)
+    assert gradcam_layer(model, 224) is model.layer4  # 7x7
+    assert gradcam_layer(model, 64) is model.layer3  # layer4 would be 2x2
+    assert gradcam_layer(model, 32) is model.layer2
+    assert gradcam_layer(model, 16) is model.layer1
 
 
 def test_cnn_is_the_notebooks_architecture():
