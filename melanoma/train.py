@@ -256,9 +256,8 @@ class FitResult:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 scaler: torch.amp.GradScaler, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                spec: PreprocessSpec, *,
-                batch_size: int, augment_mode: str, generator: torch.Generator, device: torch.device,
-                desc: str) -> tuple[float, float]:
+                spec: PreprocessSpec, *, batch_size: int, augment_mode: str, generator: torch.Generator,
+                device: torch.device, desc: str) -> tuple[float, float]:
     """One shuffled pass over uint8 ``images``, stepping the scheduler per batch; returns the
     mean loss and accuracy on the augmented batches."""
     model.train()
