@@ -181,6 +181,11 @@ def time_preparation(location: Path, spec: PreprocessSpec) -> dict:
 
 # --- serving ----------------------------------------------------------------------------------
 
+# The server as serve/README.md starts it on a CPU: one intra-op thread, since one image per
+# request gains nothing from more and the scoring server's worker threads would each bring
+# their own OpenMP team (ResNet-18 at 64 px: p50 30.7-35.2 ms with the default, 23.6-29.6 ms).
+SERVE_ENV = {"OMP_NUM_THREADS": "1"}
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -255,7 +260,7 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
                 pyfunc.predict(batch)
             results["predict_batch32_img_per_s"] = 5 * 32 / (time.perf_counter() - start)
             if serve:
-                env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+                env = {**os.environ, **SERVE_ENV, "MLFLOW_TRACKING_URI": uri}
                 with model_server(model_uri, env) as url:
                     for _ in range(5):
                         post_images(url, encoded[:1])
@@ -313,7 +318,8 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
 
     log.info("timing prediction of the default model")
     default = TrainConfig()
-    results["predict_settings"] = {"model": default.model, "img_size": default.img_size, "channels": default.channels}
+    results["predict_settings"] = {"model": default.model, "img_size": default.img_size, "channels": default.channels,
+                                   "serve_env": SERVE_ENV}
     results.update(time_prediction(sample_jpegs(location), default, serve and shutil.which("uvicorn") is not None))
 
     width = max(len(k) for k in results)

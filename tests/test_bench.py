@@ -15,4 +15,5 @@ def test_bench_measures_every_stage_and_writes_json(demo_root, tmp_path):
         assert saved[key] > 0, key
     assert saved["settings"]["batch_size"] == 16 and saved["settings"]["img_size"] == 224
     assert saved["device"] == "cpu" and saved["torch_version"]
+    assert saved["predict_settings"]["serve_env"] == {"OMP_NUM_THREADS": "1"}
     assert results["train_speedup_vs_notebook"] == saved["cnn_train_img_per_s"] / saved["notebook_train_img_per_s"]
