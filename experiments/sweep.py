@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for text, cfg in zip(args.settings, configs):
         log.info("setting %r", text)
-        rows.append({"setting": text, **screen(cfg)})
+        row = {"setting": text, **screen(cfg)}
+        rows.append(row)
         args.out.write_text(json.dumps(rows, indent=2))
-        external = {k: round(v, 3) for k, v in rows[-1].items() if k.startswith("external_") and k.endswith("cificity")}
-        print(f"{text or '(flags)':40s} val acc {rows[-1]['val_accuracy']:.3f} auc {rows[-1]['val_auc']:.3f} "
-              f"op spec {rows[-1]['val_op_specificity']:.3f} {external} {rows[-1]['minutes']:.1f} min "
-              f"{rows[-1]['train_images_per_s']:.0f} img/s", flush=True)
+        external = {k: round(v, 3) for k, v in row.items() if k.startswith("external_") and k.endswith("specificity")}
+        print(f"{text or '(flags)':40s} val acc {row['val_accuracy']:.3f} auc {row['val_auc']:.3f} "
+              f"op spec {row['val_op_specificity']:.3f} {external} {row['minutes']:.1f} min "
+              f"{row['train_images_per_s']:.0f} img/s", flush=True)
     return rows
 
 
