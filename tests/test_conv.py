@@ -2,11 +2,12 @@ import pytest
 import torch
 from torch import nn
 
+from melanoma import conv
 from melanoma.conv import Conv3x3, conv3x3_weight_grad
 from melanoma.models import NotebookCNN
 
 
-@pytest.mark.parametrize("c_in,c_out,h,w", [(1, 4, 9, 7), (3, 8, 6, 6), (5, 2, 1, 3)])
+@pytest.mark.parametrize("c_in,c_out,h,w", [(1, 4, 9, 7), (3, 8, 6, 6), (5, 2, 1, 3), (1, 16, 9, 7), (2, 18, 1, 3)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_weight_grad_matches_autograd_of_conv2d(c_in, c_out, h, w, memory_format):
     x = torch.randn(2, c_in, h, w).contiguous(memory_format=memory_format)
@@ -15,6 +16,16 @@ def test_weight_grad_matches_autograd_of_conv2d(c_in, c_out, h, w, memory_format
     reference(x).backward(grad_out)
     expected = reference.weight.grad
     assert torch.allclose(conv3x3_weight_grad(x, grad_out), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_grad_by_tap_is_exact_across_pixel_blocks(monkeypatch):
+    # Blocks of 256 pixels end mid-row, so shifted windows cross block, row and image edges.
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
+    x = torch.randn(3, 4, 23, 19).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, 5, 23, 19).contiguous(memory_format=torch.channels_last)
+    reference = nn.Conv2d(4, 5, 3, padding=1)
+    reference(x).backward(grad_out)
+    assert torch.allclose(conv3x3_weight_grad(x, grad_out), reference.weight.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("input_needs_grad", [False, True])
