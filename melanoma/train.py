@@ -220,13 +220,15 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: Pr
                    device: torch.device, batch_size: int = 128) -> torch.Tensor:
     """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode; the model's mode is restored."""
     was_training = model.training
-    model.eval()
+    if was_training:  # train()/eval() walk every module: 0.4 ms each for ResNet-18 on this CPU
+        model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(np.array(images[start:start + batch_size]))  # a copy: the cache is read-only
         with autocast(device):
             out.append(model(to_model_input(batch, spec, device)).float().cpu())
-    model.train(was_training)
+    if was_training:
+        model.train()
     return torch.cat(out) if out else torch.empty(0, 2)
 
 
