@@ -1,0 +1,102 @@
+"""Do averaged models, or flip test-time augmentation, leave more external nevi alone?
+
+Takes finished training runs (``melanoma train``), scores each one's validation split (carved
+again from the run's own params) and the external folders with the run's logged model, then, for
+every combination of the runs, with and without averaging over the four flips of each image,
+chooses the threshold on validation for the target sensitivity and reports validation AUC and
+accuracy and the specificity on each external folder. Nothing is trained or logged.
+
+    python -m experiments.ensemble --external ../shared/data/ham_nevi_dev --out ensemble.json RUN_ID RUN_ID ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from melanoma.data import prepare_dataset, split_train_val
+from melanoma.evaluate import classification_metrics, threshold_for_sensitivity
+from melanoma.train import malignant_probability, predict_logits
+
+log = logging.getLogger("melanoma.ensemble")
+
+# What must agree between runs for their validation splits to be the same images.
+SPLIT_PARAMS = ("data_location", "val_fraction", "seed")
+
+
+def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
+    """Malignant probability per image, averaged over the four flips when ``flips``."""
+    batch = torch.as_tensor(np.array(images))
+    views = [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)] if flips else [batch]
+    return np.mean([malignant_probability(predict_logits(classifier.model, v, classifier.spec, classifier.device))
+                    for v in views], axis=0)
+
+
+def score_run(run_id: str, external: list[str]) -> dict:
+    """Validation labels, and probabilities (plain and flip-averaged) on validation and each external folder."""
+    run = mlflow.get_run(run_id)
+    if "model_uri" not in run.data.tags:
+        raise ValueError(f"run {run_id} has no logged model (tag model_uri): is it a finished training run?")
+    classifier = mlflow.pyfunc.load_model(run.data.tags["model_uri"]).unwrap_python_model()
+    params = run.data.params
+    data = prepare_dataset(params["data_location"], classifier.spec)
+    _, val_idx = split_train_val(data, float(params["val_fraction"]), int(params["seed"]))
+    sets = {"val": data.images[val_idx]}
+    for folder in external:
+        sets[Path(folder).resolve().name] = prepare_dataset(folder, classifier.spec, require_train=False).images
+    return {"name": run.info.run_name, "split": tuple(params[p] for p in SPLIT_PARAMS),
+            "val_labels": data.labels[val_idx],
+            "probs": {flips: {k: probabilities(classifier, images, flips) for k, images in sets.items()}
+                      for flips in (False, True)}}
+
+
+def combination_row(runs: list[dict], flips: bool, target_sensitivity: float) -> dict:
+    """The figures of the runs' averaged probabilities at the threshold chosen on validation."""
+    averaged = {k: np.mean([r["probs"][flips][k] for r in runs], axis=0) for k in runs[0]["probs"][flips]}
+    labels = runs[0]["val_labels"]
+    threshold = threshold_for_sensitivity(labels, averaged["val"], target_sensitivity)
+    row = {"runs": [r["name"] for r in runs], "flips": flips, "threshold": threshold,
+           "val_auc": classification_metrics(labels, averaged["val"])["auc"],
+           "val_accuracy": classification_metrics(labels, averaged["val"])["accuracy"],
+           "val_op_specificity": classification_metrics(labels, averaged["val"], threshold)["specificity"]}
+    for name, probs in averaged.items():
+        if name != "val":
+            row[f"external_{name}_specificity"] = float(np.mean(probs < threshold))
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="MLflow run IDs of finished training runs, same data and split")
+    parser.add_argument("--external", nargs="+", required=True, help="evaluation-only folders (benign nevi, say)")
+    parser.add_argument("--target_sensitivity", type=float, default=0.9)
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    scored = [score_run(run_id, args.external) for run_id in args.runs]
+    for run in scored[1:]:
+        if run["split"] != scored[0]["split"]:
+            raise ValueError(f"run {run['name']} was split differently ({dict(zip(SPLIT_PARAMS, run['split']))}) "
+                             f"from {scored[0]['name']} ({dict(zip(SPLIT_PARAMS, scored[0]['split']))})")
+    rows = [combination_row(list(combo), flips, args.target_sensitivity)
+            for size in range(1, len(scored) + 1) for combo in itertools.combinations(scored, size)
+            for flips in (False, True)]
+    for row in rows:
+        externals = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("external_"))
+        print(f"{'+'.join(row['runs']):40s} flips={str(row['flips']):5s} val_auc={row['val_auc']:.3f} "
+              f"val_accuracy={row['val_accuracy']:.3f} {externals}")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
