@@ -62,9 +62,9 @@ def combination_row(runs: list[dict], flips: bool, target_sensitivity: float) ->
     averaged = {k: np.mean([r["probs"][flips][k] for r in runs], axis=0) for k in runs[0]["probs"][flips]}
     labels = runs[0]["val_labels"]
     threshold = threshold_for_sensitivity(labels, averaged["val"], target_sensitivity)
+    at_half = classification_metrics(labels, averaged["val"])
     row = {"runs": [r["name"] for r in runs], "flips": flips, "threshold": threshold,
-           "val_auc": classification_metrics(labels, averaged["val"])["auc"],
-           "val_accuracy": classification_metrics(labels, averaged["val"])["accuracy"],
+           "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
            "val_op_specificity": classification_metrics(labels, averaged["val"], threshold)["specificity"]}
     for name, probs in averaged.items():
         if name != "val":
