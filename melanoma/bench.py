@@ -79,8 +79,8 @@ def notebook_cnn() -> nn.Module:
                          nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 2))
 
 
-def time_notebook_training(images: np.ndarray, labels: np.ndarray, steps: int) -> float:
-    """Images per second of the notebook's loop over ``steps`` batches after warm-up."""
+def time_notebook_training(images: np.ndarray, labels: np.ndarray, steps: int) -> tuple[float, float]:
+    """(images per second, FLOPs per image) of the notebook's loop over ``steps`` batches after warm-up."""
     torch.manual_seed(0)
     model = notebook_cnn().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
@@ -95,12 +95,15 @@ def time_notebook_training(images: np.ndarray, labels: np.ndarray, steps: int) -
         except StopIteration:
             batches = iter(loader)
             x, y = next(batches)
-        loss = nn.CrossEntropyLoss()(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with FlopCounterMode(display=False) if step == 0 else contextlib.nullcontext() as counter:
+            loss = nn.CrossEntropyLoss()(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if step == 0:
+            flops_per_image = counter.get_total_flops() / len(x)
         seen += len(x)
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), flops_per_image
 
 
 # --- this project's loop ----------------------------------------------------------------------
@@ -308,7 +311,10 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
 
     results["gemm_gflops"] = gemm_gflops(device)
     log.info("timing the notebook's training loop")
-    results["notebook_train_img_per_s"] = time_notebook_training(images, labels, steps)
+    img_per_s, flops = time_notebook_training(images, labels, steps)
+    results["notebook_train_img_per_s"] = img_per_s
+    results["notebook_train_gflops"] = img_per_s * flops / 1e9
+    results["notebook_gemm_fraction"] = results["notebook_train_gflops"] / results["gemm_gflops"]
     for name in ("cnn", "resnet18"):
         log.info("timing this project's training of %s", name)
         img_per_s, flops = time_training(name, images, labels, spec, steps, device)

@@ -4,7 +4,7 @@ from melanoma.bench import run_benchmark
 
 REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", "cnn_train_img_per_s",
             "train_speedup_vs_notebook", "gemm_gflops", "cnn_train_gflops", "resnet18_train_gflops",
-            "cnn_gemm_fraction", "resnet18_gemm_fraction", "predict_one_ms", "predict_batch32_img_per_s",
+            "cnn_gemm_fraction", "resnet18_gemm_fraction", "notebook_gemm_fraction", "predict_one_ms", "predict_batch32_img_per_s",
             "cnn_predict_one_ms", "resnet18_predict_one_ms"]
 
 
@@ -20,3 +20,6 @@ def test_bench_measures_every_stage_and_writes_json(demo_root, tmp_path):
     default = saved["predict_settings"]["model"]
     assert saved["predict_one_ms"] == saved[f"{default}_predict_one_ms"]
     assert results["train_speedup_vs_notebook"] == saved["cnn_train_img_per_s"] / saved["notebook_train_img_per_s"]
+    # The notebook's network and ours do the same arithmetic: their FLOPs per image agree.
+    notebook_flops = saved["notebook_train_gflops"] / saved["notebook_train_img_per_s"]
+    assert abs(notebook_flops / (saved["cnn_train_gflops"] / saved["cnn_train_img_per_s"]) - 1) < 1e-9
