@@ -21,9 +21,9 @@ import mlflow
 import numpy as np
 import torch
 
-from melanoma.data import prepare_dataset, split_train_val
-from melanoma.evaluate import classification_metrics, threshold_for_sensitivity
-from melanoma.train import malignant_probability, predict_logits
+from melanoma.data.dataset import prepare_dataset, split_train_val
+from melanoma.evaluate import classification_metrics, external_names, operating_point
+from melanoma.inference import predict_proba
 
 log = logging.getLogger("melanoma.ensemble")
 
@@ -35,8 +35,7 @@ def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
     """Malignant probability per image, averaged over the four flips when ``flips``."""
     batch = torch.as_tensor(np.array(images))
     views = [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)] if flips else [batch]
-    return np.mean([malignant_probability(predict_logits(classifier.model, v, classifier.spec, classifier.device))
-                    for v in views], axis=0)
+    return np.mean([predict_proba(classifier.model, v, classifier.spec, classifier.device) for v in views], axis=0)
 
 
 def score_run(run_id: str, external: list[str]) -> dict:
@@ -49,8 +48,8 @@ def score_run(run_id: str, external: list[str]) -> dict:
     data = prepare_dataset(params["data_location"], classifier.spec)
     _, val_idx = split_train_val(data, float(params["val_fraction"]), int(params["seed"]))
     sets = {"val": data.images[val_idx]}
-    for folder in external:
-        sets[Path(folder).resolve().name] = prepare_dataset(folder, classifier.spec, require_train=False).images
+    for name, folder in external_names(external).items():
+        sets[name] = prepare_dataset(folder, classifier.spec, require_train=False).images
     return {"name": run.info.run_name, "split": tuple(params[p] for p in SPLIT_PARAMS),
             "val_labels": data.labels[val_idx],
             "probs": {flips: {k: probabilities(classifier, images, flips) for k, images in sets.items()}
@@ -61,14 +60,14 @@ def combination_row(runs: list[dict], flips: bool, target_sensitivity: float) ->
     """The figures of the runs' averaged probabilities at the threshold chosen on validation."""
     averaged = {k: np.mean([r["probs"][flips][k] for r in runs], axis=0) for k in runs[0]["probs"][flips]}
     labels = runs[0]["val_labels"]
-    threshold = threshold_for_sensitivity(labels, averaged["val"], target_sensitivity)
+    point = operating_point(labels, averaged["val"], target_sensitivity)
     at_half = classification_metrics(labels, averaged["val"])
-    row = {"runs": [r["name"] for r in runs], "flips": flips, "threshold": threshold,
+    row = {"runs": [r["name"] for r in runs], "flips": flips, "threshold": point.threshold,
            "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
-           "val_op_specificity": classification_metrics(labels, averaged["val"], threshold)["specificity"]}
+           "val_op_specificity": point.metrics["specificity"]}
     for name, probs in averaged.items():
         if name != "val":
-            row[f"external_{name}_specificity"] = float(np.mean(probs < threshold))
+            row[f"external_{name}_specificity"] = float(np.mean(probs < point.threshold))
     return row
 
 

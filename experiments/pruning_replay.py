@@ -16,7 +16,7 @@ import json
 import optuna
 from optuna.trial import TrialState
 
-from experiments.search import OBJECTIVE, make_pruner
+from melanoma.search import OBJECTIVE, make_pruner
 
 
 def replay(study: optuna.Study, pruner: optuna.pruners.BasePruner) -> dict:

@@ -3,8 +3,9 @@
 Every setting is a list of overrides of the common flags, e.g. ``"img_size=128 model=resnet18"``.
 Each one is trained with ``fit`` on the same validation split that ``melanoma train`` carves, its
 operating threshold is chosen on validation for ``target_sensitivity``, and every ``external``
-folder is scored at that threshold. Nothing is logged to MLflow, so it runs where only torch is
-installed (a rented GPU, say); confirm the winner with ``melanoma train``, which logs everything.
+folder is scored at that threshold. Nothing is logged to MLflow, so it runs
+on a rented GPU without a tracking server; confirm the winner with ``melanoma train``, which logs
+everything.
 
     python -m experiments.sweep --data DIR --external DIR --out sweep.json "" "img_size=128" ...
 
@@ -22,10 +23,10 @@ import time
 from pathlib import Path
 
 from melanoma.config import TrainConfig, add_config_arguments, config_from_args, parse_bool
-from melanoma.data import prepare_dataset, resolve_dataset, split_train_val
-from melanoma.evaluate import classification_metrics, threshold_for_sensitivity
+from melanoma.evaluate import classification_metrics, external_names, folder_metrics, operating_point, score_folder
+from melanoma.inference import predict_proba, select_device
 from melanoma.models import build_model
-from melanoma.train import evaluate_folder, fit, malignant_probability, predict_logits, select_device
+from melanoma.train import fit_data, load_data
 
 log = logging.getLogger("melanoma.sweep")
 
@@ -48,24 +49,22 @@ def screen(cfg: TrainConfig) -> dict[str, float]:
     """Train one setting and return its validation and external figures."""
     device = select_device()
     spec = cfg.preprocess_spec()
-    data = prepare_dataset(resolve_dataset(cfg.data, cfg.demo_size, cfg.seed)[0], spec)
-    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)
-    model = build_model(cfg.model, cfg.channels, cfg.pretrained)
+    run_data = load_data(cfg, spec)
+    model = build_model(cfg.model, cfg.channels, cfg.pretrained, cfg.drop_path)
     start = time.perf_counter()
-    result = fit(model, data.images[fit_idx], data.labels[fit_idx], data.images[val_idx], data.labels[val_idx], spec,
-                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment_mode=cfg.augment,
-                 patience=cfg.patience, seed=cfg.seed, device=device)
+    result = fit_data(model, run_data, spec, cfg, device)
     minutes = (time.perf_counter() - start) / 60
-    val_labels = data.labels[val_idx]
-    val_probs = malignant_probability(predict_logits(model, data.images[val_idx], spec, device))
-    threshold = threshold_for_sensitivity(val_labels, val_probs, cfg.target_sensitivity)
-    row = {"device": device.type, "minutes": minutes, "best_epoch": result.best_epoch, "threshold": threshold,
+    val_labels = run_data.data.labels[run_data.val_idx]
+    val_probs = predict_proba(model, run_data.data.images[run_data.val_idx], spec, device)
+    point = operating_point(val_labels, val_probs, cfg.target_sensitivity)
+    row = {"device": device.type, "minutes": minutes, "best_epoch": result.best_epoch, "threshold": point.threshold,
            "train_images_per_s": statistics.median(h["train_images_per_s"] for h in result.history)}
     row.update({f"val_{k}": v for k, v in classification_metrics(val_labels, val_probs).items()})
-    row["val_op_specificity"] = classification_metrics(val_labels, val_probs, threshold)["specificity"]
-    for folder in cfg.external_dirs:
-        name, metrics = evaluate_folder(model, folder, spec, threshold, device)
-        row.update({f"external_{name}_{k}": v for k, v in metrics.items()})
+    row["val_op_specificity"] = point.metrics["specificity"]
+    for name, folder in external_names(cfg.external_dirs).items():
+        external, probs = score_folder(model, folder, spec, device)
+        row.update({f"external_{name}_{k}": v for k, v in folder_metrics(external.labels, probs,
+                                                                          point.threshold).items()})
     return row
 
 

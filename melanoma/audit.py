@@ -24,8 +24,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: 
 from threadpoolctl import threadpool_limits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from melanoma.data import CLASSES, PreparedData, PreprocessSpec, Source, prepare_dataset  # noqa: E402
-from melanoma.data.preprocessing import InvalidImageError, image_dimensions  # noqa: E402
+from melanoma.data.dataset import PreparedData, prepare_dataset  # noqa: E402
+from melanoma.data.layout import CLASSES, Source  # noqa: E402
+from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, image_dimensions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """``melanoma bench``: how fast each stage runs on this machine, in one process.
 
 Measures data preparation (cold decode vs cache), training throughput of the notebook's loop
-and of ours at the notebook's settings, achieved FLOP rates against the machine's matrix-multiply
-rate, and prediction latency of the logged pyfunc model, in-process and over HTTP.
+and of ours at the notebook's settings and at the default ones, achieved FLOP rates against the
+machine's matrix-multiply rate, prediction latency of the logged pyfunc model in-process and
+over HTTP, and (``--tricks``) each speed trick against plain PyTorch, interleaved.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import mlflow
 import numpy as np
@@ -37,17 +37,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from melanoma import tracking
-from melanoma.config import MODELS, TrainConfig
-from melanoma.conv import Conv3x3
-from melanoma.data import PreprocessSpec, Source, cache_dir, demo_dataset, discover, prepare_dataset
+from melanoma.architectures import ARCHITECTURES
+from melanoma.config import TrainConfig
+from melanoma.data.dataset import cache_dir, prepare_dataset
+from melanoma.data.demo import demo_dataset
+from melanoma.data.layout import Source, discover
+from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.inference import select_device
+from melanoma.memory import glibc_mallopt, recycle_freed_memory
 from melanoma.models import build_model
-from melanoma.train import (class_weights, glibc_mallopt, grad_scaler, make_batch, recycle_freed_memory,
-                            select_device, train_step)
+from melanoma.train import class_weights, grad_scaler, make_batch, train_step
 
 log = logging.getLogger(__name__)
 
 # The notebook's training settings, at which both training loops are compared.
 NOTEBOOK = {"img_size": 224, "channels": 1, "batch_size": 16, "lr": 1e-3}
+DEFAULT = TrainConfig()
+# (model, image size, channels, batch size) of the two configurations speed tricks must pay in.
+CONFIGURATIONS = {"notebook": ("cnn", NOTEBOOK["img_size"], NOTEBOOK["channels"], NOTEBOOK["batch_size"]),
+                  "default": (DEFAULT.model, DEFAULT.img_size, DEFAULT.channels, DEFAULT.batch_size)}
 WARMUP_STEPS = 3
 
 
@@ -108,29 +116,30 @@ def time_notebook_training(images: np.ndarray, labels: np.ndarray, steps: int) -
 
 # --- this project's loop ----------------------------------------------------------------------
 
-def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, steps: int,
-                  device: torch.device) -> tuple[float, float]:
-    """(images per second, FLOPs per image) of our training step at the notebook's batch size."""
+def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, batch: int,
+                  steps: int, device: torch.device, recycle: bool = True,
+                  channels_last: bool = True) -> tuple[float, float]:
+    """(images per second, FLOPs per image) of our training step. ``recycle`` and
+    ``channels_last`` switch the two speed tricks of the training path off, for comparison."""
     torch.manual_seed(0)
-    model = build_model(model_name, spec.channels).to(device).to(memory_format=torch.channels_last).train()
+    model = build_model(model_name, spec.channels).to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     weights = class_weights(labels).to(device)
     generator = torch.Generator().manual_seed(0)
     scaler = grad_scaler(device)
-    batch = NOTEBOOK["batch_size"]
 
     def step() -> None:
         idx = torch.randint(len(images_t), (batch,), generator=generator)
         x, y = make_batch(images_t[idx], labels_t[idx], spec, "full", generator, device)
-        train_step(model, optimizer, scaler, x, y, weights, device)
+        train_step(model, optimizer, scaler, x if channels_last else x.contiguous(), y, weights, device)
 
-    # Count the FLOPs of the standard convolution (the work the maths needs), not of Conv3x3's
-    # faster weight gradient, whose batched matmuls the counter does not see.
-    with FlopCounterMode(display=False) as counter, mock.patch.object(Conv3x3, "forward", nn.Conv2d.forward):
+    with FlopCounterMode(display=False) as counter:
         step()
     flops_per_image = counter.get_total_flops() / batch
-    with recycle_freed_memory():
+    with recycle_freed_memory(recycle):
         for _ in range(WARMUP_STEPS - 1):
             step()
         synchronize(device)
@@ -140,6 +149,34 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
         synchronize(device)
         seconds = time.perf_counter() - start
     return batch * steps / seconds, flops_per_image
+
+
+def time_tricks(images: np.ndarray, labels: np.ndarray, steps: int, device: torch.device,
+                rounds: int = 3) -> dict:
+    """Each speed trick of the training path against plain PyTorch, in both configurations,
+    interleaved (trick on, off, on, off, ...) so the machine's drift hits both alike."""
+    results = {}
+    for config, (model_name, size, channels, batch) in CONFIGURATIONS.items():
+        spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False)
+        resized = resize_batch(images, size, channels)
+        for trick in ("recycle", "channels_last"):
+            on, off = [], []
+            for _ in range(rounds):
+                on.append(time_training(model_name, resized, labels, spec, batch, steps, device)[0])
+                off.append(time_training(model_name, resized, labels, spec, batch, steps, device,
+                                         **{trick: False})[0])
+            results[f"trick_{trick}_{config}_img_per_s_on"] = float(np.median(on))
+            results[f"trick_{trick}_{config}_img_per_s_off"] = float(np.median(off))
+            results[f"trick_{trick}_{config}_speedup"] = float(np.median(on) / np.median(off))
+    return results
+
+
+def resize_batch(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images at another size and channel count (for timing only)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def synchronize(device: torch.device) -> None:
@@ -165,9 +202,24 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5, rounds: i
 
 # --- data preparation -------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def empty_cache() -> Iterator[None]:
+    """$MELANOMA_CACHE points at a new, empty folder within the block."""
+    previous = os.environ.get("MELANOMA_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MELANOMA_CACHE"] = tmp
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["MELANOMA_CACHE"]
+            else:
+                os.environ["MELANOMA_CACHE"] = previous
+
+
 def time_preparation(location: Path, spec: PreprocessSpec) -> dict:
     """Cold preparation (decode + resize) into an empty cache, then a reload from the cache."""
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"MELANOMA_CACHE": tmp}):
+    with empty_cache():
         start = time.perf_counter()
         cold = prepare_dataset(location, spec)
         decode_s = time.perf_counter() - start
@@ -292,16 +344,17 @@ def sample_jpegs(location: Path, count: int = 32) -> list[bytes]:
 
 # --- the benchmark ----------------------------------------------------------------------------
 
-def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bool = True) -> dict:
+def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bool = True,
+                  tricks: bool = False, rounds: int = 3, requests: int = 100) -> dict:
     """Run every measurement, print a table, and write JSON to ``out``."""
     device = select_device()
     location = Path(data) if data else demo_dataset(TrainConfig.demo_size, 0, cache_dir())
     spec = PreprocessSpec(img_size=NOTEBOOK["img_size"], channels=NOTEBOOK["channels"], color_constancy=False)
-    results: dict = {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                     "torch_version": torch.__version__, "data": str(location.resolve()),
+    results: dict = {"device": str(device), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+                     "cpu_count": os.cpu_count(), "torch_version": torch.__version__, "data": str(location.resolve()),
                      "glibc_memory_recycling": glibc_mallopt() is not None,
-                     "settings": {**NOTEBOOK, "timed_steps": steps, "warmup_steps": WARMUP_STEPS}}
+                     "settings": {**NOTEBOOK, "timed_steps": steps, "warmup_steps": WARMUP_STEPS,
+                                  "configurations": CONFIGURATIONS}}
     log.info("preparing the dataset cold and from the cache")
     prep = time_preparation(location, spec)
     prepared = prep.pop("_data")
@@ -315,24 +368,27 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
     results["notebook_train_img_per_s"] = img_per_s
     results["notebook_train_gflops"] = img_per_s * flops / 1e9
     results["notebook_gemm_fraction"] = results["notebook_train_gflops"] / results["gemm_gflops"]
-    for name in ("cnn", "resnet18"):
-        log.info("timing this project's training of %s", name)
-        img_per_s, flops = time_training(name, images, labels, spec, steps, device)
-        results[f"{name}_train_img_per_s"] = img_per_s
-        results[f"{name}_train_gflops"] = img_per_s * flops / 1e9
-        results[f"{name}_gemm_fraction"] = results[f"{name}_train_gflops"] / results["gemm_gflops"]
-    results["train_speedup_vs_notebook"] = results["cnn_train_img_per_s"] / results["notebook_train_img_per_s"]
+    for config, (model_name, size, channels, batch) in CONFIGURATIONS.items():
+        log.info("timing this project's training in the %s configuration", config)
+        config_spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False)
+        img_per_s, flops = time_training(model_name, resize_batch(images, size, channels), labels, config_spec,
+                                         batch, steps, device)
+        results[f"train_img_per_s_{config}"] = img_per_s
+        results[f"gemm_fraction_{config}"] = img_per_s * flops / 1e9 / results["gemm_gflops"]
+    results["train_speedup_vs_notebook"] = results["train_img_per_s_notebook"] / results["notebook_train_img_per_s"]
+    if tricks:
+        log.info("timing each speed trick against plain PyTorch")
+        results.update(time_tricks(images, labels, steps, device, rounds))
 
-    default = TrainConfig()
-    results["predict_settings"] = {"model": default.model, "img_size": default.img_size, "channels": default.channels,
-                                   "serve_env": SERVE_ENV}
+    results["predict_settings"] = {"model": DEFAULT.model, "img_size": DEFAULT.img_size,
+                                   "channels": DEFAULT.channels, "serve_env": SERVE_ENV}
     jpegs, serve = sample_jpegs(location), serve and shutil.which("uvicorn") is not None
-    # The unprefixed figures are the default model's; every model's are kept with its name.
-    for name in sorted(MODELS, key=lambda m: m != default.model):
+    # The unprefixed figures are the default model's; every named model's are kept with its name.
+    for name in sorted(ARCHITECTURES, key=lambda m: m != DEFAULT.model):
         log.info("timing prediction of %s", name)
-        timed = time_prediction(jpegs, dataclasses.replace(default, model=name), serve)
+        timed = time_prediction(jpegs, dataclasses.replace(DEFAULT, model=name), serve, requests)
         results.update({f"{name}_{key}": value for key, value in timed.items()})
-        if name == default.model:
+        if name == DEFAULT.model:
             results.update(timed)
 
     width = max(len(k) for k in results)
@@ -344,3 +400,12 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")
     return results
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -1,6 +1,7 @@
 """The ``melanoma`` command: train, search, register, evaluate, audit, bench, demo-data.
 
-Thin: parse arguments, call the library, print results, choose the exit code.
+Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
+imported by the command that needs them, so ``melanoma --help`` starts without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from melanoma.config import TrainConfig, add_config_arguments, config_from_args
+from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, TrainConfig, add_config_arguments, config_from_args
 
 
 def use_default_experiment(name: str) -> None:
@@ -37,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from experiments.search import search_from_args
+    from melanoma.search import search_from_args
 
     use_default_experiment(args.experiment)
     print(json.dumps(search_from_args(args), indent=2))
@@ -76,12 +77,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from melanoma.bench import run_benchmark
 
-    run_benchmark(args.data, args.out, steps=args.steps, serve=args.serve)
+    run_benchmark(args.data, args.out, steps=args.steps, serve=args.serve, tricks=args.tricks)
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from melanoma.data import make_demo_dataset
+    from melanoma.data.demo import make_demo_dataset
 
     root = make_demo_dataset(args.out, per_class=args.per_class, seed=args.seed, size=args.size)
     print(f"wrote a synthetic Kaggle-layout dataset to {root}")
@@ -99,17 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", default=None)
     train.set_defaults(func=cmd_train)
 
-    search = sub.add_parser("search", help="Optuna search over lr and batch size, best model registered")
-    from experiments.search import add_search_arguments
-
-    add_search_arguments(search)
+    search = sub.add_parser("search", help="Optuna search over training settings, best model registered")
+    add_config_arguments(search)
+    search.add_argument("--n_trials", type=int, default=20, help="trials the study should have in total")
+    search.add_argument("--timeout", type=float, default=0, help="stop starting trials after this many seconds")
+    search.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
+    search.add_argument("--study_name", default=None, help="empty or left out: melanoma-<model>")
+    search.add_argument("--registered_model", default=REGISTERED_MODEL)
+    search.add_argument("--alias", default=DEFAULT_ALIAS)
+    search.add_argument("--pruner", choices=("median", "none"), default="median")
+    search.add_argument("--params", default="lr,batch_size",
+                        help="settings to search, comma-separated (melanoma.search.SEARCH_SPACE names them)")
     search.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     search.set_defaults(func=cmd_search)
 
     register = sub.add_parser("register", help="register a training run's model and set an alias")
     register.add_argument("--run-id", required=True)
-    register.add_argument("--name", default="melanoma-classifier")
-    register.add_argument("--alias", default="champion", help="alias to move to the new version ('' for none)")
+    register.add_argument("--name", default=REGISTERED_MODEL)
+    register.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to move to the new version ('' for none)")
     register.set_defaults(func=cmd_register)
 
     evaluate = sub.add_parser("evaluate", help="score a folder through a logged model, as a client would")
@@ -133,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
     bench.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
                        help="also time HTTP requests against `mlflow models serve`")
+    bench.add_argument("--tricks", action="store_true",
+                       help="also time each speed trick against plain PyTorch, interleaved")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset to a folder")
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mlflow.exceptions import MlflowException
 
-    from melanoma.data import DataError
+    from melanoma.data.layout import DataError
     from melanoma.models import PretrainedWeightsError
 
     try:

@@ -7,30 +7,43 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from melanoma.architectures import architecture
+
 if TYPE_CHECKING:
     from melanoma.data.preprocessing import PreprocessSpec
 
-MODELS = ("cnn", "resnet18")
+REGISTERED_MODEL = "melanoma-classifier"
+DEFAULT_ALIAS = "champion"
 AUGMENTATIONS = ("none", "flip", "style", "full")
+OPTIMIZERS = ("adamw", "adam")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. Field names are the logged MLflow params.
 
-    The defaults are the measured best of README's mitigation table (validation AUC and
-    specificity on external nevi, within 30 minutes of CPU training).
+    The defaults are the measured best of docs/results.md (validation AUC and specificity on
+    external nevi, within 15 minutes of CPU training).
     """
 
-    model: str = "resnet18"
+    model: str = "resnet18"  # see melanoma.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
     data: str = "demo"  # a Kaggle-layout folder, the Kaggle zip, or "demo"
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # the classifier head's; the backbone's is lr * backbone_lr_factor
     img_size: int = 64
     channels: int = 3  # 1 = the notebook's grayscale, 3 = RGB
     seed: int = 42
-    pretrained: str = "false"  # "true" (torchvision ImageNet weights), "false", or a weights file
+    pretrained: str = "false"  # "true" (ImageNet weights), "false", or a weights file
+    optimizer: str = "adam"  # adamw | adam
+    weight_decay: float = 0.0  # decoupled (AdamW); norms and biases take none
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to zero
+    backbone_lr_factor: float = 1.0  # the backbone learns at lr * this (below 1 for pretrained weights)
+    freeze_epochs: int = 0  # train only the classifier head for this many epochs first
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate (timm models)
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
+    wise_alpha: float = 1.0  # < 1: mix the pretrained backbone back in at the end (WiSE-FT)
     patience: int = 4  # early stopping: epochs without val_auc improvement
     val_fraction: float = 0.15
     augment: str = "flip"  # none | flip | style (flips + colour statistics of another image) | full
@@ -45,8 +58,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that makes no sense."""
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        arch = architecture(self.model)
+        if arch.library == "melanoma" and self.pretrained.lower() != "false":
+            raise ValueError(f"no pretrained weights exist for {self.model}; use pretrained=false")
+        if self.drop_path and arch.library != "timm":
+            raise ValueError(f"drop_path is for timm models; {self.model} has no stochastic depth")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         if self.augment not in AUGMENTATIONS:
@@ -56,8 +74,20 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience", "demo_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "backbone_lr_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_epochs", "freeze_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name, low, high in (("label_smoothing", 0, 0.5), ("drop_path", 0, 0.9), ("ema", 0, 0.99999),
+                                ("wise_alpha", 0, 1)):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
+        if self.wise_alpha < 1 and self.pretrained.lower() == "false":
+            raise ValueError("wise_alpha < 1 mixes pretrained weights back in: it needs pretrained weights")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_sensitivity < 1:
@@ -66,9 +96,11 @@ class TrainConfig:
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with, and the logged model serves with."""
         from melanoma.data.preprocessing import PreprocessSpec  # here, so the CLI's --help needs no torch
+        from melanoma.models import input_normalization
 
+        mean, std = input_normalization(self.model, self.pretrained)
         return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
-                              mask_corners=self.mask_corners, crop_lesion=self.crop_lesion)
+                              mask_corners=self.mask_corners, crop_lesion=self.crop_lesion, rgb_mean=mean, rgb_std=std)
 
     @property
     def external_dirs(self) -> list[str]:

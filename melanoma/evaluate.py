@@ -1,4 +1,4 @@
-"""Metrics from labels and malignant probabilities, the operating point, and report figures.
+"""Metrics from labels and malignant probabilities, the operating point, scoring a folder.
 
 Malignant (label 1) is the positive class: sensitivity is malignant recall, specificity benign
 recall. A probability at or above the threshold means "malignant".
@@ -7,15 +7,16 @@ recall. A probability at or above the threshold means "malignant".
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, roc_auc_score
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
-
-from melanoma.data.layout import CLASSES  # noqa: E402
+from melanoma.data.dataset import PreparedData, prepare_dataset
+from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.inference import predict_proba
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -46,53 +47,44 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
     return float(positives[needed - 1])
 
 
-def confusion_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
-    """Confusion matrix with counts and row rates (recall per true class)."""
-    pred = (np.asarray(probs) >= threshold).astype(int)
-    counts = confusion_matrix(labels, pred, labels=[0, 1])
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.6, 4))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{counts[i, j]}\n{rates[i, j]:.1%}", ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=12)
-    ax.set_xticks([0, 1], CLASSES)
-    ax.set_yticks([0, 1], CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title}\nthreshold {threshold:.3f}", fontsize=10)
-    fig.tight_layout()
-    return fig
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The decision threshold chosen on validation, and the validation metrics at it."""
+
+    threshold: float
+    metrics: dict[str, float]
 
 
-def roc_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
-    """ROC curve with the operating point marked."""
-    fpr, tpr, _ = roc_curve(labels, probs)
-    m = classification_metrics(labels, probs, threshold)
-    fig, ax = plt.subplots(figsize=(4.6, 4))
-    ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=0.8)
-    ax.scatter([1 - m["specificity"]], [m["sensitivity"]], c="red", zorder=3,
-               label=f"threshold {threshold:.3f}: sens {m['sensitivity']:.2f}, spec {m['specificity']:.2f}")
-    ax.set_xlabel("1 - specificity (benign called malignant)")
-    ax.set_ylabel("sensitivity (malignant found)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
+def operating_point(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> OperatingPoint:
+    """The threshold that finds ``target_sensitivity`` of the melanomas in ``labels``, and the
+    metrics there."""
+    threshold = threshold_for_sensitivity(labels, probs, target_sensitivity)
+    return OperatingPoint(threshold, classification_metrics(labels, probs, threshold))
 
 
-def history_figure(history: list[dict[str, float]]) -> plt.Figure:
-    """Loss and validation metrics per epoch, for a quick look without the MLflow UI."""
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key in ("train_loss", "val_loss"):
-        left.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    for key in ("train_accuracy", "val_accuracy", "val_auc"):
-        right.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    for ax in (left, right):
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def score_folder(model: torch.nn.Module, folder: str | Path, spec: PreprocessSpec,
+                 device: torch.device) -> tuple[PreparedData, np.ndarray]:
+    """A labelled evaluation folder (decoded through the cache) and the model's malignant
+    probability for each of its images."""
+    data = prepare_dataset(folder, spec, require_train=False)
+    return data, predict_proba(model, data.images, spec, device)
+
+
+def folder_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """An evaluation-only set's figures at ``threshold``: never for model selection."""
+    return {**classification_metrics(labels, probs, threshold), "count": len(labels),
+            "mean_malignant_probability": float(np.mean(probs))}
+
+
+def external_names(folders: list[str]) -> dict[str, str]:
+    """A metric name per external folder: its own name, or with its parent's when two share a
+    name (``/a/test`` and ``/b/test`` become ``a_test`` and ``b_test``)."""
+    names = [Path(f).resolve().name for f in folders]
+    out: dict[str, str] = {}
+    for folder, name in zip(folders, names):
+        if names.count(name) > 1:
+            name = f"{Path(folder).resolve().parent.name}_{name}"
+        if name in out:
+            raise ValueError(f"two external folders would both be reported as {name!r}: {out[name]} and {folder}")
+        out[name] = folder
+    return out

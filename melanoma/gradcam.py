@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class GradCAM:
@@ -80,25 +76,3 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
-
-
-def gradcam_panel(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                  class_names: tuple[str, ...]) -> plt.Figure:
-    """A figure with two rows per group of images: originals above, Grad-CAM overlays below,
-    each titled with the true label and the predicted malignant probability."""
-    n = len(images)
-    cols = min(n, 8)
-    groups = (n + cols - 1) // cols
-    fig, axes = plt.subplots(2 * groups, cols, figsize=(1.9 * cols, 4.1 * groups), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i in range(n):
-        rgb = images[i].transpose(1, 2, 0)
-        rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
-        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        top.imshow(rgb)
-        top.set_title(f"true {class_names[labels[i]]}\np(malignant) {probs[i]:.2f}", fontsize=8)
-        bottom.imshow(overlay(np.ascontiguousarray(rgb), maps[i]))
-    fig.suptitle("Grad-CAM for the predicted class (top: input, bottom: overlay)", fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -17,26 +17,15 @@ import torch
 from melanoma import tracking
 from melanoma.audit import audit_dataset, audit_figure, public_report
 from melanoma.config import TrainConfig
-from melanoma.data import (
-    CLASSES,
-    PreparedData,
-    PreprocessSpec,
-    prepare_dataset,
-    read_file,
-    resolve_dataset,
-    split_train_val,
-)
-from melanoma.evaluate import (
-    classification_metrics,
-    confusion_figure,
-    history_figure,
-    roc_figure,
-    threshold_for_sensitivity,
-)
-from melanoma.gradcam import GradCAM, gradcam_panel
+from melanoma.data.dataset import PreparedData
+from melanoma.data.layout import CLASSES, read_file
+from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.evaluate import classification_metrics, external_names, folder_metrics, operating_point, score_folder
+from melanoma.figures import confusion_figure, gradcam_panel, history_figure, roc_figure
+from melanoma.gradcam import GradCAM
+from melanoma.inference import predict_proba, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer
-from melanoma.train import (EpochCallback, evaluate_folder, fit, malignant_probability, predict_logits, select_device,
-                            to_model_input)
+from melanoma.train import EpochCallback, fit_data, load_data
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +48,7 @@ def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in (0, 1)])
     x = to_model_input(torch.from_numpy(images[chosen]), spec, device)
-    with GradCAM(model, gradcam_layer(model, spec.img_size)) as cam:
+    with GradCAM(model, gradcam_layer(model, spec.img_size, spec.channels)) as cam:
         maps = cam(x).cpu().numpy()
     return gradcam_panel(images[chosen], maps, labels[chosen], probs[chosen], CLASSES)
 
@@ -106,22 +95,20 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         torch.set_num_threads(cfg.num_threads)
     device = select_device()
     spec = cfg.preprocess_spec()
-    location, synthetic = resolve_dataset(cfg.data, cfg.demo_size, cfg.seed)
+    run_data = load_data(cfg, spec)
+    data, fit_idx, val_idx, test_idx = run_data.data, run_data.fit_idx, run_data.val_idx, run_data.data.indices("test")
 
-    mlflow.set_tags({"dataset": "synthetic-demo" if synthetic else "real", "synthetic_data": str(synthetic).lower(),
-                     "model_family": cfg.model, "device": device.type})
-    tracking.log_new_params({**cfg.to_params(), "data_location": str(location.resolve())})
-
-    data = prepare_dataset(location, spec)
-    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)
-    test_idx = data.indices("test")
+    mlflow.set_tags({"dataset": "synthetic-demo" if run_data.synthetic else "real",
+                     "synthetic_data": str(run_data.synthetic).lower(), "model_family": cfg.model,
+                     "device": device.type})
+    tracking.log_new_params({**cfg.to_params(), "data_location": str(run_data.location.resolve())})
     mlflow.log_params(dataset_params(data, fit_idx, val_idx, test_idx))
     mlflow.log_metric("data_skipped_files", len(data.skipped))
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
-    log_audit(location, cfg.seed, data.digest)
+    log_audit(run_data.location, cfg.seed, data.digest)
 
-    model = build_model(cfg.model, cfg.channels, cfg.pretrained)
+    model = build_model(cfg.model, cfg.channels, cfg.pretrained, cfg.drop_path)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -129,31 +116,28 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
 
-    result = fit(model, data.images[fit_idx], data.labels[fit_idx], data.images[val_idx], data.labels[val_idx], spec,
-                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, augment_mode=cfg.augment,
-                 patience=cfg.patience, seed=cfg.seed, device=device, on_epoch_end=report_epoch)
+    result = fit_data(model, run_data, spec, cfg, device, on_epoch_end=report_epoch)
     mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
     tracking.log_figure(history_figure(result.history), "training/history.png")
 
-    val_probs = malignant_probability(predict_logits(model, data.images[val_idx], spec, device))
-    threshold = threshold_for_sensitivity(data.labels[val_idx], val_probs, cfg.target_sensitivity)
-    mlflow.log_metric("threshold", threshold)
+    val_probs = predict_proba(model, data.images[val_idx], spec, device)
+    point = operating_point(data.labels[val_idx], val_probs, cfg.target_sensitivity)
+    mlflow.log_metric("threshold", point.threshold)
     tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs), prefix="best_val_")
-    tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs, threshold), prefix="val_op_")
+    tracking.log_metrics(point.metrics, prefix="val_op_")
 
     report_split, report_idx = ("test", test_idx) if len(test_idx) else ("val", val_idx)
-    report_probs = val_probs if report_split == "val" else malignant_probability(
-        predict_logits(model, data.images[report_idx], spec, device))
+    report_probs = val_probs if report_split == "val" else predict_proba(model, data.images[report_idx], spec, device)
     report = log_report(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
-                        threshold, cfg, spec, device)
+                        point.threshold, cfg, spec, device)
 
-    for folder in cfg.external_dirs:
-        name, metrics = evaluate_folder(model, folder, spec, threshold, device)
-        tracking.log_metrics(metrics, prefix=f"external_{name}_")
+    for name, folder in external_names(cfg.external_dirs).items():
+        external, probs = score_folder(model, folder, spec, device)
+        tracking.log_metrics(folder_metrics(external.labels, probs, point.threshold), prefix=f"external_{name}_")
 
-    example_bytes = read_file(location, data.paths[report_idx[0]])
-    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, threshold, example_bytes,
+    example_bytes = read_file(run_data.location, data.paths[report_idx[0]])
+    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes,
                                         {"target_sensitivity": cfg.target_sensitivity})
     mlflow.set_tag("model_uri", model_uri)
-    return {"report_split": report_split, "threshold": threshold, "best_val_auc": result.best_val_auc,
+    return {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
             "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}

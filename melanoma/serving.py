@@ -22,12 +22,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from melanoma.config import parse_bool
 from melanoma.data.layout import CLASSES
-from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, load_for_model, normalize
+from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, load_for_model
 from melanoma.gradcam import GradCAM, overlay
+from melanoma.inference import predict_proba, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer
-from melanoma.train import malignant_probability, predict_logits, select_device
 
 SETTINGS_FILE = "settings.json"
 WEIGHTS_FILE = "weights.pt"
@@ -62,6 +61,17 @@ def decode_base64_column(frame: pd.DataFrame) -> list[bytes]:
     return out
 
 
+def explain_flag(params: dict | None) -> bool:
+    """The ``explain`` param as a bool (the server casts it by the signature; direct callers may
+    pass "true"/"false")."""
+    value = (params or {}).get("explain", False)
+    if isinstance(value, str):
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
+    if not isinstance(value, (bool, np.bool_)):
+        raise BadInputError(f"params.explain must be true or false, got {value!r}")
+    return bool(value)
+
+
 def encode_png_base64(rgb: np.ndarray) -> str:
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -83,6 +93,7 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         self.model = build_model(self.settings["model"], self.spec.channels)
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.gradcam_layer = gradcam_layer(self.model, self.spec.img_size, self.spec.channels)
 
     def preprocess_rows(self, files: list[bytes]) -> np.ndarray:
         """Decode and preprocess every row; all undecodable rows are named in one error."""
@@ -99,11 +110,11 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         try:
             images = self.preprocess_rows(decode_base64_column(model_input))
-            explain = parse_bool((params or {}).get("explain", False))
-        except (BadInputError, ValueError) as exc:
+            explain = explain_flag(params)
+        except BadInputError as exc:
             # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 with this message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        probs = malignant_probability(predict_logits(self.model, images, self.spec, self.device))
+        probs = predict_proba(self.model, images, self.spec, self.device)
         result = pd.DataFrame({
             "malignant_probability": probs.astype(np.float64),
             "benign_probability": (1.0 - probs).astype(np.float64),
@@ -115,7 +126,7 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
 
     def explain(self, images: np.ndarray) -> list[np.ndarray]:
         """Grad-CAM overlays (RGB uint8) for each image's predicted class."""
-        x = normalize(torch.from_numpy(images).to(self.device), self.spec)
-        with GradCAM(self.model, gradcam_layer(self.model, self.spec.img_size)) as cam:
+        x = to_model_input(torch.from_numpy(images), self.spec, self.device)
+        with GradCAM(self.model, self.gradcam_layer) as cam:
             maps = cam(x).cpu().numpy()
         return [overlay(np.ascontiguousarray(img.transpose(1, 2, 0)), m) for img, m in zip(images, maps)]

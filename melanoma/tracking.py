@@ -6,6 +6,7 @@ import base64
 import importlib.metadata
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,14 +18,17 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import melanoma
+from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
 from melanoma.data.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-REGISTERED_MODEL = "melanoma-classifier"
-DEFAULT_ALIAS = "champion"
 PACKAGE_DIR = Path(melanoma.__file__).parent
-RUNTIME_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "scikit-learn", "tqdm", "matplotlib")
+# The served model's code: the serving path alone (tests/test_serving.py checks that it imports
+# nothing else of the package), and the packages it imports.
+SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "gradcam.py", "serving.py",
+                   "pyfunc_model.py", "data/__init__.py", "data/layout.py", "data/preprocessing.py")
+SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
@@ -64,10 +68,22 @@ def _opencv_requirement() -> str:
     return "opencv-python-headless"
 
 
-def pip_requirements() -> list[str]:
-    """The served model's requirements, pinned to what trained it."""
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+def pip_requirements(model_name: str) -> list[str]:
+    """The served model's requirements, pinned to what trained it (timm only for timm models)."""
+    from melanoma.architectures import architecture
+
+    packages = [*SERVING_PACKAGES, *(["timm"] if architecture(model_name).library == "timm" else [])]
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
     return [f"mlflow=={mlflow.__version__}", _opencv_requirement(), *pins]
+
+
+def serving_code(folder: Path) -> Path:
+    """A copy of the package holding only the serving path, under ``folder``."""
+    target = folder / "melanoma"
+    for module in SERVING_MODULES:
+        (target / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_DIR / module, target / module)
+    return target
 
 
 def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec, threshold: float,
@@ -87,10 +103,10 @@ def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec
             name="model",
             python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
             artifacts={"weights": str(weights), "settings": str(settings_file)},
-            code_paths=[str(PACKAGE_DIR)],
+            code_paths=[str(serving_code(Path(tmp) / "code"))],
             signature=infer_signature(example, output_example, params={"explain": False}),
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(model_name),
         )
     return info.model_uri
 

@@ -1,17 +1,16 @@
-"""The training loop: batches from cached uint8 arrays, augmentation on tensors, early stopping.
+"""The training loop: batches from cached uint8 arrays, augmentation on tensors, a fine-tuning
+recipe, early stopping.
 
 Knows nothing about MLflow: it reports each epoch's metrics through a callback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,86 +18,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from melanoma.data.dataset import prepare_dataset
-from melanoma.data.preprocessing import PreprocessSpec, normalize
+from melanoma.config import TrainConfig
+from melanoma.data.dataset import PreparedData, prepare_dataset, split_train_val
+from melanoma.data.demo import resolve_dataset
+from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.evaluate import classification_metrics
+from melanoma.inference import amp_dtype, autocast, predict_logits, malignant_probability, to_model_input
+from melanoma.memory import recycle_freed_memory
+from melanoma.models import classifier_head
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when there is a GPU, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The mixed-precision type where it pays, else None (fp32): bf16 on CUDA, fp16 on GPUs
-    without bf16, bf16 on CPUs with native bf16 units (on AVX2-only CPUs emulated bf16 is
-    several times slower than fp32, measured)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling, on only for fp16 (whose small range lets gradients underflow to zero)."""
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-
-
-# glibc's mallopt parameters and their default values (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-GLIBC_MALLOPT_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
-
-
-def glibc_mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None where the C library is not glibc (macOS, Windows, musl)."""
-    try:
-        return ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):
-        return None
-
-
-@contextlib.contextmanager
-def recycle_freed_memory() -> Iterator[bool]:
-    """Within the block, glibc's malloc keeps freed large blocks for reuse; yields whether it could.
-
-    A training step at 224 px allocates and frees activations of about 100 MB each. glibc
-    serves every block that large from fresh ``mmap`` pages and returns it on free, so each
-    step pays the kernel's page faults again: allocating and filling 103 MB took 83 ms, against
-    10 ms for reused memory (measured on this project's 2-core CI machine). With ``mmap`` off and
-    trimming raised, freed blocks are recycled; the defaults are restored afterwards.
-    """
-    mallopt = glibc_mallopt()
-    if mallopt is None:
-        yield False
-        return
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield True
-    finally:
-        for param, value in GLIBC_MALLOPT_DEFAULTS.items():
-            mallopt(param, value)
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
@@ -186,12 +125,6 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.device) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> normalised float on ``device`` in channels-last layout."""
-    x = normalize(batch.to(device, non_blocking=True), spec)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec, augment_mode: str,
                generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A uint8 batch -> augmented, normalised model input and labels on ``device``.
@@ -203,11 +136,12 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec,
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
-               y: torch.Tensor, weights: torch.Tensor | None, device: torch.device) -> tuple[float, torch.Tensor]:
+               y: torch.Tensor, weights: torch.Tensor | None, device: torch.device,
+               label_smoothing: float = 0.0) -> tuple[float, torch.Tensor]:
     """One optimisation step; returns the loss and the (detached) logits."""
     with autocast(device):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=weights)
+        loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -215,37 +149,71 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     return loss.item(), logits.detach()
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec,
-                   device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode; the model's mode is restored."""
-    was_training = model.training
-    if was_training:  # train()/eval() walk every module: 0.4 ms each for ResNet-18 on this CPU
-        model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.as_tensor(np.array(images[start:start + batch_size]))  # a copy: the cache is read-only
-        with autocast(device):
-            out.append(model(to_model_input(batch, spec, device)).float().cpu())
-    if was_training:
-        model.train()
-    return torch.cat(out) if out else torch.empty(0, 2)
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW with two parameter groups: the classifier head at ``lr``, the backbone at
+    ``lr * backbone_lr_factor``. Norms and biases take no weight decay."""
+    head = {id(p) for p in classifier_head(model).parameters()}
+    groups = {(part, decay): [] for part in ("backbone", "head") for decay in (True, False)}
+    for p in model.parameters():
+        groups[("head" if id(p) in head else "backbone", p.ndim > 1)].append(p)
+    factor = {"backbone": cfg.backbone_lr_factor, "head": 1.0}
+    params = [{"params": ps, "lr": cfg.lr * factor[part], "weight_decay": cfg.weight_decay if decay else 0.0,
+               "name": part} for (part, decay), ps in groups.items() if ps]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=cfg.lr)
 
 
-def malignant_probability(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
 
 
-def evaluate_folder(model: nn.Module, folder: str | Path, spec: PreprocessSpec, threshold: float,
-                    device: torch.device) -> tuple[str, dict[str, float]]:
-    """The folder's name and the model's metrics on it, at ``threshold``: for evaluation-only
-    sets, never for model selection."""
-    data = prepare_dataset(folder, spec, require_train=False)
-    probs = malignant_probability(predict_logits(model, data.images, spec, device))
-    metrics = classification_metrics(data.labels, probs, threshold)
-    metrics["count"] = len(data.labels)
-    metrics["mean_malignant_probability"] = float(probs.mean())
-    return Path(folder).resolve().name, metrics
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    head = {id(p) for p in classifier_head(model).parameters()}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(trainable)
+
+
+def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch.Tensor], alpha: float,
+                        head_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): ``alpha`` of the fine-tuned
+    backbone plus ``1 - alpha`` of the pretrained one; the new head keeps its trained weights."""
+    return {k: v if k in head_keys or not v.is_floating_point() else alpha * v + (1 - alpha) * initial[k].to(v)
+            for k, v in final.items()}
+
+
+@dataclass
+class TrainingData:
+    """A run's decoded dataset and its train/validation split."""
+
+    location: Path
+    synthetic: bool
+    data: PreparedData
+    fit_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainingData:
+    """Find, decode (through the cache) and split ``cfg.data``."""
+    location, synthetic = resolve_dataset(cfg.data, cfg.demo_size, cfg.seed)
+    data = prepare_dataset(location, spec)
+    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)
+    return TrainingData(location, synthetic, data, fit_idx, val_idx)
+
+
+def fit_data(model: nn.Module, data: TrainingData, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
+             on_epoch_end: EpochCallback | None = None) -> FitResult:
+    """``fit`` on a run's own split."""
+    images, labels = data.data.images, data.data.labels
+    return fit(model, images[data.fit_idx], labels[data.fit_idx], images[data.val_idx], labels[data.val_idx], spec,
+               cfg, device, on_epoch_end)
 
 
 @dataclass
@@ -257,20 +225,22 @@ class FitResult:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                scaler: torch.amp.GradScaler, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                spec: PreprocessSpec, *, batch_size: int, augment_mode: str, generator: torch.Generator,
+                scaler: torch.amp.GradScaler, ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor, spec: PreprocessSpec, cfg: TrainConfig, generator: torch.Generator,
                 device: torch.device, desc: str) -> tuple[float, float]:
-    """One shuffled pass over uint8 ``images``, stepping the scheduler per batch; returns the
-    mean loss and accuracy on the augmented batches."""
+    """One shuffled pass over uint8 ``images``, stepping the scheduler (and the EMA) per batch;
+    returns the mean loss and accuracy on the augmented batches."""
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total_loss, correct = 0.0, 0
-    bar = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False)
+    bar = tqdm(range(0, len(images), cfg.batch_size), desc=desc, unit="batch", leave=False)
     for start in bar:
-        idx = order[start:start + batch_size]
-        x, y = make_batch(images[idx], labels[idx], spec, augment_mode, generator, device)
-        loss, logits = train_step(model, optimizer, scaler, x, y, weights, device)
+        idx = order[start:start + cfg.batch_size]
+        x, y = make_batch(images[idx], labels[idx], spec, cfg.augment, generator, device)
+        loss, logits = train_step(model, optimizer, scaler, x, y, weights, device, cfg.label_smoothing)
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -278,39 +248,44 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
 
 
 def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
-        val_labels: np.ndarray, spec: PreprocessSpec, *, epochs: int, batch_size: int, lr: float,
-        augment_mode: str, patience: int, seed: int, device: torch.device,
+        val_labels: np.ndarray, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
         on_epoch_end: EpochCallback | None = None) -> FitResult:
-    """Train with Adam and a cosine learning-rate schedule, keep the weights of the epoch with
-    the best validation AUC (loaded into ``model`` at the end), stop after ``patience`` epochs
-    without improvement. ``on_epoch_end(epoch, metrics)`` may raise to stop (e.g. pruning)."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    """Train with ``cfg``'s recipe, keep the weights of the epoch with the best validation AUC
+    (loaded into ``model`` at the end), stop after ``patience`` epochs without improvement.
+
+    With ``ema`` the averaged weights are the ones validated and kept; with ``wise_alpha`` < 1
+    the kept weights are mixed back towards the initial (pretrained) ones at the end.
+    ``on_epoch_end(epoch, metrics)`` may raise to stop (e.g. pruning).
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device).to(memory_format=torch.channels_last)
+    initial = copy.deepcopy(model.state_dict()) if cfg.wise_alpha < 1 else None
     images = torch.from_numpy(np.ascontiguousarray(train_images))
     labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     weights = class_weights(np.asarray(train_labels)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
     scaler = grad_scaler(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    evaluated = ema.module if ema is not None else model
     val_targets = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
 
     result = FitResult(best_epoch=0, best_val_auc=-math.inf)
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = copy.deepcopy(evaluated.state_dict())
     with recycle_freed_memory():
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
-            current_lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_accuracy = train_epoch(model, optimizer, scheduler, scaler, images, labels, weights, spec,
-                                                     batch_size=batch_size, augment_mode=augment_mode,
-                                                     generator=generator, device=device,
-                                                     desc=f"epoch {epoch}/{epochs}")
+            set_backbone_trainable(model, epoch > cfg.freeze_epochs)
+            current_lr = max(g["lr"] for g in optimizer.param_groups)
+            train_loss, train_accuracy = train_epoch(model, optimizer, scheduler, scaler, ema, images, labels, weights,
+                                                     spec, cfg, generator, device, f"epoch {epoch}/{cfg.epochs}")
             train_seconds = time.perf_counter() - start
 
-            val_logits = predict_logits(model, val_images, spec, device)
-            val_probs = malignant_probability(val_logits)
-            val = classification_metrics(val_labels, val_probs)
+            val_logits = predict_logits(evaluated, val_images, spec, device)
+            val = classification_metrics(val_labels, malignant_probability(val_logits))
             metrics = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -329,12 +304,17 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
                      metrics["train_loss"], metrics["val_accuracy"], metrics["val_auc"], metrics["train_images_per_s"])
             if metrics["val_auc"] > result.best_val_auc:
                 result.best_epoch, result.best_val_auc = epoch, metrics["val_auc"]
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(evaluated.state_dict())
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
-            if epoch - result.best_epoch >= patience:
-                log.info("early stop: no val_auc improvement for %d epochs", patience)
+            if epoch - result.best_epoch >= cfg.patience:
+                log.info("early stop: no val_auc improvement for %d epochs", cfg.patience)
                 result.stopped_early = True
                 break
+    set_backbone_trainable(model, True)
+    if initial is not None:
+        head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is classifier_head(model)
+                     for k in m.state_dict()}
+        best_state = interpolate_weights(initial, best_state, cfg.wise_alpha, head_keys)
     model.load_state_dict(best_state)
     return result

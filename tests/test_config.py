@@ -35,14 +35,18 @@ def test_mlproject_search_takes_the_settings_and_search_parameters():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model", "vgg", "model must be one of"),
+    ("model", "vgg", "unknown model"),
+    ("pretrained", "true", "no pretrained weights exist for cnn"),
+    ("wise_alpha", 0.5, "needs pretrained weights"),
+    ("freeze_epochs", 10, "must be below epochs"),
+    ("drop_path", 0.1, "drop_path is for timm models"),
     ("channels", 2, "channels must be 1"),
     ("lr", 0.0, "lr must be positive"),
     ("img_size", 8, "img_size"),
     ("val_fraction", 1.5, "val_fraction"),
 ])
 def test_invalid_settings_are_named(field, value, message):
-    cfg = TrainConfig(**{field: value})
+    cfg = TrainConfig(**{"model": "cnn" if field == "pretrained" else TrainConfig.model, field: value})
     with pytest.raises(ValueError, match=message):
         cfg.validate()
 
@@ -51,3 +55,12 @@ def test_parse_bool_accepts_the_usual_spellings():
     assert parse_bool("True") and parse_bool("1") and not parse_bool("false") and not parse_bool("0")
     with pytest.raises(Exception, match="expected true or false"):
         parse_bool("maybe")
+
+
+def test_the_cli_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    script = ("import sys; from melanoma.cli import build_parser; build_parser().format_help(); "
+              "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)

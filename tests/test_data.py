@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 
 import melanoma.data.dataset as dataset_module
-from melanoma.data import (
-    CLASSES,
-    DataError,
-    PreprocessSpec,
-    Source,
-    discover,
-    make_demo_dataset,
-    prepare_dataset,
-    split_train_val,
-)
+from melanoma.data.dataset import prepare_dataset, split_train_val
+from melanoma.data.demo import make_demo_dataset
+from melanoma.data.layout import CLASSES, DataError, Source, discover
+from melanoma.data.preprocessing import PreprocessSpec
 
 SPEC = PreprocessSpec(img_size=32, channels=3)
 

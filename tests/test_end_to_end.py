@@ -1,4 +1,4 @@
-"""End to end on tiny demo data: `mlflow run`, the search, the registry and `mlflow models serve`."""
+"""End to end on tiny demo data: `mlflow run` of each entry point, the registry and `mlflow models serve`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import search
+from melanoma import search
 from melanoma.bench import model_server, ping
 from melanoma.config import TrainConfig
 
@@ -35,12 +35,16 @@ def mlflow_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet18"])
-def test_mlflow_run_trains_and_logs_everything(model, tmp_path):
-    params = [arg for k, v in {"model": model, **TINY}.items() for arg in ("-P", f"{k}={v}")]
-    subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                    "--experiment-name", "e2e", *params], check=True, env=mlflow_env(tmp_path), cwd=tmp_path,
+def mlflow_run(tmp_path: Path, entry_point: str, params: dict) -> None:
+    args = [arg for k, v in params.items() for arg in ("-P", f"{k}={v}")]
+    subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local",
+                    "--experiment-name", "e2e", *args], check=True, env=mlflow_env(tmp_path), cwd=tmp_path,
                    timeout=600)
+
+
+def test_mlflow_run_trains_and_logs_everything(tmp_path):
+    model = "cnn"
+    mlflow_run(tmp_path, "main", {"model": model, **TINY})
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert run.info.status == "FINISHED"
@@ -66,8 +70,7 @@ def test_mlflow_run_trains_and_logs_everything(model, tmp_path):
     frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
     out = pyfunc.predict(frame)
     assert len(out) == 3 and out.malignant_probability.between(0, 1).all()
-    if model == "cnn":
-        assert_loads_without_the_project(model_uri, images[0], tmp_path)
+    assert_loads_without_the_project(model_uri, images[0], tmp_path)
 
 
 HIDE_PROJECT = """
@@ -114,18 +117,19 @@ def rows(*values: str) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
 
 
-def test_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_path):
+def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_path):
     base = TrainConfig(**TINY)
-    summary = search.run_search(base, n_trials=2, storage_url=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert summary["complete"] == 2
+    mlflow_run(tmp_path, "search", {**TINY, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("melanoma-classifier", "champion")
     assert version.tags["study"] == f"melanoma-{base.model}" and version.tags["metric"] == "val_auc"
-    assert version.tags["run"] == summary["best_run_id"]
-    assert float(version.tags["value"]) == pytest.approx(summary["best_val_auc"])
-    parent = client.get_run(client.get_run(summary["best_run_id"]).data.tags["mlflow.parentRunId"])
-    assert parent.data.params["study_name"] == f"melanoma-{base.model}" and "best_lr" in parent.data.params
+    best = client.get_run(version.tags["run"])
+    parent = client.get_run(best.data.tags["mlflow.parentRunId"])
+    assert float(version.tags["value"]) == pytest.approx(parent.data.metrics["best_val_auc"])
+    assert best.data.metrics["best_val_auc"] == pytest.approx(parent.data.metrics["best_val_auc"])
+    assert parent.data.metrics["trials_complete"] == 2
+    assert parent.data.tags["optuna_study"] == f"melanoma-{base.model}" and "best_lr" in parent.data.params
     assert {"search/optimization_history.png", "search/param_importances.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     children = client.search_runs([parent.info.experiment_id],

@@ -2,25 +2,19 @@
 
 import shutil
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from melanoma.cli import main
-from melanoma.config import TrainConfig
-from melanoma.pipeline import run_training
+from melanoma.evaluate import external_names
 
 
 @pytest.fixture
-def trained(demo_root, monkeypatch):
-    """A tiny training run that also scores the demo test/benign folder as an external set."""
-    cfg = TrainConfig(data=str(demo_root), epochs=1, img_size=32, gradcam_images=2, batch_size=16,
-                      external=str(demo_root / "test" / "benign"))
-    mlflow.set_experiment("external")
-    with mlflow.start_run() as run:
-        summary = run_training(cfg)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # set_experiment exports it; a new CLI process has none
-    return run.info.run_id, summary
+def trained(trained_runs, monkeypatch):
+    """The shared CNN run (it scored the demo test/benign folder as an external set)."""
+    trained_runs.activate(monkeypatch)
+    run = MlflowClient().get_run(trained_runs.cnn)
+    return run.info.run_id, {"model_uri": run.data.tags["model_uri"], "threshold": run.data.metrics["threshold"]}
 
 
 def test_training_logs_external_metrics_without_using_them_for_selection(trained):
@@ -38,7 +32,8 @@ def test_evaluate_scores_a_folder_as_a_client_and_logs_a_linked_run(trained, dem
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     assert main(["evaluate", "--model", summary["model_uri"], "--data", str(folder.parent), "--name", "nevi"]) == 0
     client = MlflowClient()
-    (evaluation,) = client.search_runs([client.get_experiment_by_name("melanoma-evaluation").experiment_id])
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("melanoma-evaluation").experiment_id],
+                                       "params.name = 'nevi'")
     assert evaluation.data.tags["source_run_id"] == run_id
     assert evaluation.data.tags["model_uri"] == summary["model_uri"]
     metrics = evaluation.data.metrics
@@ -52,7 +47,16 @@ def test_evaluate_with_both_classes_reports_auc(trained, demo_root):
     _, summary = trained
     assert main(["evaluate", "--model", summary["model_uri"], "--data", str(demo_root)]) == 0
     client = MlflowClient()
-    (evaluation,) = client.search_runs([client.get_experiment_by_name("melanoma-evaluation").experiment_id])
     name = demo_root.name
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("melanoma-evaluation").experiment_id],
+                                       f"params.name = '{name}'")
     assert evaluation.data.metrics[f"{name}_count"] == 8  # the test/ split only
     assert f"{name}_auc" in evaluation.data.metrics
+
+
+def test_external_folders_with_the_same_name_are_told_apart(tmp_path):
+    a, b = tmp_path / "a" / "test", tmp_path / "b" / "test"
+    assert external_names([str(a), str(b), str(tmp_path / "nevi")]) == {
+        "a_test": str(a), "b_test": str(b), "nevi": str(tmp_path / "nevi")}
+    with pytest.raises(ValueError, match="both be reported as"):
+        external_names([str(tmp_path / "nevi"), str(tmp_path / "nevi")])

@@ -39,7 +39,7 @@ def test_gradcam_points_where_the_evidence_is_for_each_image_of_a_batch():
 
 def test_hooks_are_removed_and_the_mode_restored():
     model = build_model("cnn", 3).train()
-    layer = gradcam_layer(model, 48)
+    layer = gradcam_layer(model, 48, 3)
     with GradCAM(model, layer) as cam:
         maps = cam(torch.rand(4, 3, 48, 48))
         assert not model.training
@@ -50,7 +50,7 @@ def test_hooks_are_removed_and_the_mode_restored():
 
 def test_gradcam_works_on_resnet_with_in_place_relu_and_inside_inference_mode():
     model = build_model("resnet18", 1).eval()
-    with torch.inference_mode(False), GradCAM(model, gradcam_layer(model, 64)) as cam:
+    with torch.inference_mode(False), GradCAM(model, gradcam_layer(model, 64, 1)) as cam:
         maps = cam(torch.rand(2, 1, 64, 64))
     assert maps.shape == (2, 64, 64)
     assert not model.training

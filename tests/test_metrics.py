@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from melanoma.evaluate import classification_metrics, confusion_figure, roc_figure, threshold_for_sensitivity
+from melanoma.evaluate import classification_metrics, operating_point, threshold_for_sensitivity
+from melanoma.figures import confusion_figure, roc_figure
 
 
 def test_metrics_on_a_known_confusion_matrix():
@@ -41,3 +42,12 @@ def test_figures_render():
     probs = np.array([0.1, 0.6, 0.4, 0.9])
     assert confusion_figure(labels, probs, 0.5, "t").axes
     assert roc_figure(labels, probs, 0.5, "t").axes
+
+
+def test_operating_point_gives_the_threshold_and_the_metrics_at_it():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.5, 0.7, 0.3, 0.6, 0.8, 0.9])
+    point = operating_point(labels, probs, 0.75)
+    assert point.threshold == 0.6  # 3 of 4 melanomas at or above it
+    assert point.metrics == classification_metrics(labels, probs, 0.6)
+    assert point.metrics["sensitivity"] == 0.75 and point.metrics["specificity"] == pytest.approx(2 / 3)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import melanoma.data.preprocessing as preprocessing
-from melanoma.data import InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize, preprocess
+from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize,
+                                        preprocess)
 from melanoma.data.preprocessing import lesion_box
 
 

@@ -2,6 +2,9 @@
 
 import base64
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,8 +13,12 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
+from melanoma.architectures import ARCHITECTURES
 from melanoma.models import build_model
 from melanoma.serving import MelanomaClassifier
+from melanoma.tracking import SERVING_MODULES, pip_requirements, serving_code
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -82,3 +89,42 @@ def test_explain_returns_a_decodable_gradcam_png_per_row(classifier):
         png = cv2.imdecode(np.frombuffer(base64.b64decode(value), np.uint8), cv2.IMREAD_COLOR)
         assert png.shape == (32, 32, 3)
     assert "gradcam_png" not in classifier.predict(None, frame, params={"explain": "false"}).columns
+
+
+@pytest.mark.parametrize("name", [*ARCHITECTURES, "timm:mobilenetv3_small_050"])
+def test_every_model_is_served_with_probabilities_and_gradcam(name, tmp_path):
+    weights, settings = tmp_path / "weights.pt", tmp_path / "settings.json"
+    torch.save(build_model(name, 3).state_dict(), weights)
+    settings.write_text(json.dumps({"model": name, "threshold": 0.5, "preprocess": {
+        "img_size": 64, "channels": 3, "crop_lesion": True, "rgb_mean": [0.5] * 3, "rgb_std": [0.5] * 3}}))
+    classifier = MelanomaClassifier()
+    classifier.load(weights, settings)
+    out = classifier.predict(None, pd.DataFrame({"image": [b64(encoded(".jpg", (150, 200, 3)))]}),
+                             params={"explain": True})
+    assert 0 <= out.malignant_probability[0] <= 1 and out.label[0] in ("benign", "malignant")
+    png = cv2.imdecode(np.frombuffer(base64.b64decode(out.gradcam_png[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (64, 64, 3)
+
+
+def test_the_logged_code_is_the_serving_path_and_imports_nothing_else(tmp_path):
+    code = serving_code(tmp_path / "code")
+    assert sorted(str(p.relative_to(code)) for p in code.rglob("*.py")) == sorted(SERVING_MODULES)
+    # Only this copy of the package importable, and the training-only libraries blocked.
+    script = (
+        "import sys\n"
+        "for name in ('sklearn', 'matplotlib', 'tqdm', 'optuna', 'scipy'):\n"
+        "    sys.modules[name] = None\n"
+        f"sys.path.insert(0, {str(code.parent)!r})\n"
+        "import melanoma.pyfunc_model, melanoma.serving\n"
+        f"assert melanoma.__file__.startswith({str(code)!r}), melanoma.__file__\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_served_requirements_are_what_the_serving_path_imports():
+    names = {r.split("==")[0] for r in pip_requirements("resnet18")}
+    assert names == {"mlflow", "opencv-python", "torch", "torchvision", "numpy", "pandas", "pillow"} or names == {
+        "mlflow", "opencv-python-headless", "torch", "torchvision", "numpy", "pandas", "pillow"}
+    assert "timm" in {r.split("==")[0] for r in pip_requirements("efficientnet_lite0")}

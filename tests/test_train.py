@@ -2,11 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from melanoma.data import PreprocessSpec, prepare_dataset, split_train_val
-from melanoma.models import build_model
-from melanoma import train
-from melanoma.train import (GLIBC_MALLOPT_DEFAULTS, M_MMAP_MAX, M_TRIM_THRESHOLD, augment, class_weights, fit,
-                            malignant_probability, predict_logits, recycle_freed_memory, swap_colour_statistics)
+from melanoma import inference, memory, train
+from melanoma.config import TrainConfig
+from melanoma.data.dataset import prepare_dataset, split_train_val
+from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.inference import predict_proba
+from melanoma.memory import GLIBC_MALLOPT_DEFAULTS, M_MMAP_MAX, M_TRIM_THRESHOLD, recycle_freed_memory
+from melanoma.models import build_model, classifier_head
+from melanoma.train import (augment, class_weights, fit, interpolate_weights, make_optimizer, swap_colour_statistics,
+                            warmup_cosine)
 
 SPEC = PreprocessSpec(img_size=32)
 
@@ -45,15 +49,17 @@ def test_colour_swap_takes_the_partners_statistics():
 
 def test_recycle_freed_memory_sets_and_restores_glibc_options(monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "glibc_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(memory, "glibc_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
     with recycle_freed_memory() as active:
         assert active and calls == [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30)]
     assert calls[2:] == list(GLIBC_MALLOPT_DEFAULTS.items())
 
 
 def test_recycle_freed_memory_is_a_no_op_without_glibc(monkeypatch):
-    monkeypatch.setattr(train, "glibc_mallopt", lambda: None)
+    monkeypatch.setattr(memory, "glibc_mallopt", lambda: None)
     with recycle_freed_memory() as active:
+        assert not active
+    with recycle_freed_memory(enabled=False) as active:
         assert not active
 
 
@@ -62,18 +68,24 @@ def test_class_weights_balance_the_classes():
     assert weights[1] / weights[0] == pytest.approx(3.0)
 
 
-def tiny_fit(data, fit_idx, val_idx, seed, callback=None, epochs=3, patience=5):
+def tiny_fit(data, fit_idx, val_idx, seed, callback=None, epochs=3, patience=5, **recipe):
     torch.manual_seed(seed)
     model = build_model("cnn", 3)
+    cfg = TrainConfig(model="cnn", epochs=epochs, batch_size=8, lr=3e-3, augment="full", patience=patience, seed=seed,
+                      **recipe)
     result = fit(model, data.images[fit_idx], data.labels[fit_idx], data.images[val_idx], data.labels[val_idx], SPEC,
-                 epochs=epochs, batch_size=8, lr=3e-3, augment_mode="full", patience=patience, seed=seed,
-                 device=torch.device("cpu"), on_epoch_end=callback)
+                 cfg, torch.device("cpu"), on_epoch_end=callback)
     return model, result
 
 
-def test_fit_reports_every_epoch_and_is_reproducible(demo_root):
-    data = prepare_dataset(demo_root, SPEC)
-    fit_idx, val_idx = split_train_val(data, 0.25, seed=0)
+@pytest.fixture(scope="module")
+def split(demo_root):
+    data = prepare_dataset(demo_root, SPEC, use_cache=False)
+    return (data, *split_train_val(data, 0.25, seed=0))
+
+
+def test_fit_reports_every_epoch_and_is_reproducible(split):
+    data, fit_idx, val_idx = split
     seen = []
     model_a, result = tiny_fit(data, fit_idx, val_idx, seed=0, callback=lambda e, m: seen.append((e, m)))
     assert [e for e, _ in seen] == [1, 2, 3]
@@ -84,14 +96,13 @@ def test_fit_reports_every_epoch_and_is_reproducible(demo_root):
     model_b, _ = tiny_fit(data, fit_idx, val_idx, seed=0)
     for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
         torch.testing.assert_close(a, b)
-    probs = malignant_probability(predict_logits(model_a, data.images[val_idx], SPEC, torch.device("cpu")))
+    probs = predict_proba(model_a, data.images[val_idx], SPEC, torch.device("cpu"))
     assert probs.shape == (len(val_idx),) and np.all((probs >= 0) & (probs <= 1))
     assert result.best_epoch in (1, 2, 3)
 
 
-def test_early_stopping_and_a_callback_can_stop_training(demo_root):
-    data = prepare_dataset(demo_root, SPEC)
-    fit_idx, val_idx = split_train_val(data, 0.25, seed=0)
+def test_early_stopping_and_a_callback_can_stop_training(split):
+    data, fit_idx, val_idx = split
     _, result = tiny_fit(data, fit_idx, val_idx, seed=0, epochs=20, patience=1)
     assert result.stopped_early and len(result.history) < 20
 
@@ -105,11 +116,11 @@ def test_early_stopping_and_a_callback_can_stop_training(demo_root):
 
 def test_mixed_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.amp_dtype(torch.device("cuda")) == torch.float16  # an older GPU: fp16, with loss scaling
+    assert inference.amp_dtype(torch.device("cuda")) == torch.float16  # an older GPU: fp16, with loss scaling
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.amp_dtype(torch.device("cuda")) == torch.bfloat16
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.amp_dtype(torch.device("cpu")) is None
+    assert inference.amp_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.amp_dtype(torch.device("cpu")) is None
     assert not train.grad_scaler(torch.device("cpu")).is_enabled()
 
 
@@ -125,3 +136,69 @@ def test_a_loss_scaled_step_updates_like_an_unscaled_one():
         models.append(model)
     for plain, scaled in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(plain, scaled)
+
+
+def test_warmup_then_cosine_to_zero():
+    factor = warmup_cosine(total_steps=10, warmup_steps=4)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == pytest.approx(1.0) and factor(7) == pytest.approx(0.5) and factor(10) == pytest.approx(0.0)
+    assert warmup_cosine(10, 0)(0) == pytest.approx(1.0)
+
+
+def test_the_backbone_learns_at_a_fraction_of_the_heads_rate_without_decay_on_norms():
+    model = build_model("efficientnet_lite0", 3)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, backbone_lr_factor=0.1, weight_decay=0.05,
+                                                  optimizer="adamw"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    head = {id(p) for p in classifier_head(model).parameters()}
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 if group["name"] == "head" else 1e-4)
+        assert all((id(p) in head) == (group["name"] == "head") for p in group["params"])
+        assert group["weight_decay"] == (0.05 if group["params"][0].ndim > 1 else 0.0)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_frozen_epochs_train_only_the_head(split):
+    data, fit_idx, val_idx = split
+    snapshots = []
+    model = build_model("cnn", 3)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(model="cnn", epochs=2, batch_size=8, freeze_epochs=1, patience=5)
+    fit(model, data.images[fit_idx], data.labels[fit_idx], data.images[val_idx], data.labels[val_idx], SPEC, cfg,
+        torch.device("cpu"), on_epoch_end=lambda e, m: snapshots.append({k: v.clone() for k, v in
+                                                                          model.state_dict().items()}))
+    after_frozen = snapshots[0]
+    assert torch.equal(after_frozen["features.0.0.weight"], initial["features.0.0.weight"])
+    assert not torch.equal(after_frozen["classifier.1.weight"], initial["classifier.1.weight"])
+    assert not torch.equal(snapshots[1]["features.0.0.weight"], initial["features.0.0.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ema_keeps_averaged_weights_that_differ_from_the_last_step(split):
+    data, fit_idx, val_idx = split
+    plain, _ = tiny_fit(data, fit_idx, val_idx, seed=0, epochs=1)
+    averaged, result = tiny_fit(data, fit_idx, val_idx, seed=0, epochs=1, ema=0.9)
+    assert result.best_epoch == 1
+    assert not torch.equal(plain.features[0][0].weight, averaged.features[0][0].weight)
+
+
+def test_weight_space_ensembling_mixes_the_backbone_and_keeps_the_head():
+    initial = {"conv.weight": torch.zeros(2), "fc.weight": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(0)}
+    final = {"conv.weight": torch.ones(2), "fc.weight": torch.ones(2), "bn.num_batches_tracked": torch.tensor(7)}
+    mixed = interpolate_weights(initial, final, alpha=0.25, head_keys={"fc.weight"})
+    torch.testing.assert_close(mixed["conv.weight"], torch.full((2,), 0.25))
+    torch.testing.assert_close(mixed["fc.weight"], torch.ones(2))
+    assert int(mixed["bn.num_batches_tracked"]) == 7
+
+
+def test_label_smoothing_reaches_the_loss():
+    model = build_model("cnn", 1)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    losses = []
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        model.eval()
+        losses.append(train.train_step(model, optimizer, train.grad_scaler(torch.device("cpu")), x, y, None,
+                                       torch.device("cpu"), smoothing)[0])
+    assert losses[0] != pytest.approx(losses[1])

@@ -49,7 +49,7 @@ class PreparedData:
 
 
 def _cache_key(source: Source, spec: PreprocessSpec, require_train: bool) -> str:
-    identity = [PREPROCESS_VERSION, str(source.location), spec.to_dict(), require_train, source.fingerprint()]
+    identity = [PREPROCESS_VERSION, str(source.location), spec.image_settings(), require_train, source.fingerprint()]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 

@@ -21,10 +21,8 @@ PREPROCESS_VERSION = 3
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = 50_000_000
 
-RGB_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, so pretrained weights see what they expect
-RGB_STD = (0.229, 0.224, 0.225)
-GRAY_MEAN = (0.449,)
-GRAY_STD = (0.226,)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InvalidImageError(ValueError):
@@ -40,17 +38,27 @@ class PreprocessSpec:
     color_constancy: bool = True
     mask_corners: bool = False
     crop_lesion: bool = False
+    rgb_mean: tuple[float, ...] = IMAGENET_MEAN  # the RGB statistics the model's weights expect
+    rgb_std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:  # JSON gives lists back
+        object.__setattr__(self, "rgb_mean", tuple(self.rgb_mean))
+        object.__setattr__(self, "rgb_std", tuple(self.rgb_std))
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return RGB_MEAN if self.channels == 3 else GRAY_MEAN
+        return self.rgb_mean if self.channels == 3 else (float(np.mean(self.rgb_mean)),)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return RGB_STD if self.channels == 3 else GRAY_STD
+        return self.rgb_std if self.channels == 3 else (float(np.mean(self.rgb_std)),)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def image_settings(self) -> dict:
+        """The settings that shape the uint8 image (normalisation comes later, on tensors)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("rgb_mean", "rgb_std")}
 
 
 def image_dimensions(data: bytes) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""Optuna search over learning rate and batch size, one MLflow child run per trial.
+"""Optuna search over training settings (learning rate and batch size by default), one MLflow
+child run per trial.
 
-    mlflow run . -e search -P model=cnn -P n_trials=20 --env-manager local
-    melanoma search --model cnn --n_trials 20
+    mlflow run . -e search -P n_trials=20 --env-manager local
+    melanoma search --n_trials 20 --params lr,batch_size,backbone_lr_factor
 
 The objective is the best validation AUC of a trial's training run (never the test split).
 Each trial is a child run of the search run with the same params and per-epoch metrics as a
@@ -17,7 +18,7 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
+from collections.abc import Callable
 
 import mlflow
 import optuna
@@ -25,29 +26,36 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from melanoma import tracking
-from melanoma.config import TrainConfig, add_config_arguments, config_from_args
+from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, TrainConfig, config_from_args
 from melanoma.pipeline import run_training
 
 log = logging.getLogger(__name__)
 
-# Adam on these networks trained from scratch: below 1e-4 ten epochs are not enough to
-# converge; above 3e-3 BatchNorm networks at batch 16 diverge on this data.
-LR_RANGE = (1e-4, 3e-3)
-# The notebook's 16 up to 64; CPU throughput no longer improves past 64.
-BATCH_SIZES = (16, 32, 64)
+# What each searchable setting may take. lr: below 1e-4 ten epochs are not enough to converge;
+# above 3e-3 BatchNorm networks at batch 16 diverge on this data. batch_size: the notebook's 16
+# up to 64; CPU throughput no longer improves past 64.
+SEARCH_SPACE: dict[str, Callable[[optuna.Trial], float]] = {
+    "lr": lambda t: t.suggest_float("lr", 1e-4, 3e-3, log=True),
+    "batch_size": lambda t: t.suggest_categorical("batch_size", (16, 32, 64)),
+    "backbone_lr_factor": lambda t: t.suggest_float("backbone_lr_factor", 0.03, 1.0, log=True),
+    "weight_decay": lambda t: t.suggest_float("weight_decay", 1e-4, 0.1, log=True),
+    "label_smoothing": lambda t: t.suggest_float("label_smoothing", 0.0, 0.2),
+    "wise_alpha": lambda t: t.suggest_float("wise_alpha", 0.3, 1.0),
+    "ema": lambda t: t.suggest_categorical("ema", (0.0, 0.99, 0.999)),
+    "freeze_epochs": lambda t: t.suggest_int("freeze_epochs", 0, 2),
+}
+DEFAULT_SEARCH = "lr,batch_size"
 OBJECTIVE = "val_auc"
 PRUNERS = ("median", "none")
 
 
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--n_trials", type=int, default=20, help="trials the study should have in total")
-    parser.add_argument("--timeout", type=float, default=0, help="stop starting trials after this many seconds (0: none)")
-    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
-    parser.add_argument("--study_name", default=None, help="empty or left out: melanoma-<model>")
-    parser.add_argument("--registered_model", default=tracking.REGISTERED_MODEL)
-    parser.add_argument("--alias", default=tracking.DEFAULT_ALIAS)
-    parser.add_argument("--pruner", choices=PRUNERS, default="median")
+def search_params(text: str) -> list[str]:
+    """The comma-separated names of the settings to search, checked against SEARCH_SPACE."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SEARCH_SPACE]
+    if unknown or not names:
+        raise ValueError(f"cannot search {unknown or text!r}: choose from {', '.join(SEARCH_SPACE)}")
+    return names
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -72,10 +80,9 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     return len(stale)
 
 
-def make_objective(base: TrainConfig, parent_run_id: str, study_name: str):
+def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, params: list[str]):
     def objective(trial: optuna.Trial) -> float:
-        cfg = dataclasses.replace(base, lr=trial.suggest_float("lr", *LR_RANGE, log=True),
-                                  batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES))
+        cfg = dataclasses.replace(base, **{name: SEARCH_SPACE[name](trial) for name in params})
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[OBJECTIVE], step=epoch)
@@ -137,10 +144,11 @@ def parent_run_for(study: optuna.Study) -> str | None:
 
 
 def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name: str | None = None,
-               timeout: float = 0, registered_model: str = tracking.REGISTERED_MODEL,
-               alias: str = tracking.DEFAULT_ALIAS, pruner: str = "median") -> dict:
+               timeout: float = 0, registered_model: str = REGISTERED_MODEL,
+               alias: str = DEFAULT_ALIAS, pruner: str = "median", params: str = DEFAULT_SEARCH) -> dict:
     """Run (or resume) the study until it has ``n_trials`` finished trials; register the best."""
     base.validate()
+    searched = search_params(params)
     study_name = study_name or f"melanoma-{base.model}"
     storage = optuna.storages.get_storage(storage_url)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
@@ -156,12 +164,10 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
         tracking.log_new_params({"study_name": study_name, "storage": storage_url,
-                           "pruner": pruner, "objective": OBJECTIVE, "lr_range": str(LR_RANGE),
-                           "batch_sizes": str(BATCH_SIZES), "base_model": base.model, "base_data": base.data,
-                           "base_epochs": base.epochs, "base_img_size": base.img_size,
-                           "base_channels": base.channels})
+                                 "pruner": pruner, "objective": OBJECTIVE, "searched": ",".join(searched),
+                                 **{f"base_{k}": v for k, v in base.to_params().items()}})
         if remaining:
-            study.optimize(make_objective(base, parent.info.run_id, study_name), n_trials=remaining,
+            study.optimize(make_objective(base, parent.info.run_id, study_name, searched), n_trials=remaining,
                            timeout=timeout or None)
         summary = log_study(study)
         best_run = study.best_trial.user_attrs["mlflow_run_id"]
@@ -175,10 +181,5 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
 def search_from_args(args: argparse.Namespace) -> dict:
     return run_search(config_from_args(args), n_trials=args.n_trials, storage_url=args.storage,
                       study_name=args.study_name, timeout=args.timeout,
-                      registered_model=args.registered_model, alias=args.alias, pruner=args.pruner)
-
-
-if __name__ == "__main__":
-    from melanoma.cli import main
-
-    sys.exit(main(["search", *sys.argv[1:]]))
+                      registered_model=args.registered_model, alias=args.alias, pruner=args.pruner,
+                      params=args.params)

