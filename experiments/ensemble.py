@@ -35,7 +35,8 @@ def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
     """Malignant probability per image, averaged over the four flips when ``flips``."""
     batch = torch.as_tensor(np.array(images))
     views = [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)] if flips else [batch]
-    return np.mean([predict_proba(classifier.model, v, classifier.spec, classifier.device) for v in views], axis=0)
+    return np.mean([predict_proba(classifier.model, v, classifier.spec, classifier.device, classifier.calibration)
+                    for v in views], axis=0)
 
 
 def score_run(run_id: str, external: list[str]) -> dict:

@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from melanoma.calibration import Calibration
 from melanoma.config import TrainConfig, add_config_arguments, config_from_args, parse_bool
 from melanoma.evaluate import classification_metrics, external_names, folder_metrics, operating_point, score_folder
 from melanoma.inference import predict_proba, select_device
@@ -62,9 +63,9 @@ def screen(cfg: TrainConfig) -> dict[str, float]:
     row.update({f"val_{k}": v for k, v in classification_metrics(val_labels, val_probs).items()})
     row["val_op_specificity"] = point.metrics["specificity"]
     for name, folder in external_names(cfg.external_dirs).items():
-        external, probs = score_folder(model, folder, spec, device)
-        row.update({f"external_{name}_{k}": v for k, v in folder_metrics(external.labels, probs,
-                                                                          point.threshold).items()})
+        external, logits = score_folder(model, folder, spec, device)
+        row.update({f"external_{name}_{k}": v for k, v in folder_metrics(
+            external.labels, Calibration().probabilities(logits), point.threshold).items()})
     return row
 
 

@@ -24,7 +24,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: 
 from threadpoolctl import threadpool_limits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from melanoma.data.dataset import PreparedData, prepare_dataset  # noqa: E402
+from melanoma.data.combine import load_datasets  # noqa: E402
+from melanoma.data.dataset import PreparedData  # noqa: E402
 from melanoma.data.layout import CLASSES, Source  # noqa: E402
 from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, image_dimensions  # noqa: E402
 
@@ -115,19 +116,38 @@ def duplicate_pairs(data: PreparedData) -> dict:
     return {"exact": describe(exact), "near": describe(near)}
 
 
-def original_dimensions(location: str | Path, paths: list[str]) -> np.ndarray:
+def original_dimensions(data: PreparedData) -> np.ndarray:
     """(width, height) of each file from its header."""
-    source = Source(location)
-    try:
-        dims = []
-        for path in paths:
-            try:
-                dims.append(image_dimensions(source.read(path)))
-            except InvalidImageError:
-                dims.append((0, 0))
-        return np.array(dims, dtype=np.float64)
-    finally:
-        source.close()
+    dims = []
+    for location in dict.fromkeys(data.locations):
+        source = Source(location)
+        try:
+            for i in np.flatnonzero(data.locations == location):
+                try:
+                    dims.append((i, image_dimensions(source.read(data.paths[i]))))
+                except InvalidImageError:
+                    dims.append((i, (0, 0)))
+        finally:
+            source.close()
+    return np.array([d for _, d in sorted(dims, key=lambda x: x[0])], dtype=np.float64)
+
+
+def source_table(data: PreparedData, seed: int = 0) -> dict:
+    """Per source: images of each class, the border probe within that source (where it holds
+    both classes), and a warning where a source holds one class only."""
+    table = {}
+    for source in sorted(set(data.sources)):
+        idx = np.flatnonzero(data.sources == source)
+        counts = {name: int((data.labels[idx] == label).sum()) for label, name in enumerate(CLASSES)}
+        row: dict = {**counts, "border_probe_auc": float("nan")}
+        if min(counts.values()) == 0:
+            only = next(name for name, c in counts.items() if c)
+            row["warning"] = (f"every {source} image is {only}: in this data the source predicts the label, so a "
+                              f"model can learn what {source} photos look like instead of what the lesions are")
+        else:
+            row["border_probe_auc"] = border_probe(data.images[idx], data.labels[idx], seed)[0]
+        table[source] = row
+    return table
 
 
 def class_statistics(data: PreparedData, dims: np.ndarray) -> dict:
@@ -155,7 +175,7 @@ def class_statistics(data: PreparedData, dims: np.ndarray) -> dict:
     return stats
 
 
-def verdict(probe_auc: float, exact: int, near: int) -> str:
+def verdict(probe_auc: float, exact: int, near: int, confounds: list[str] = ()) -> str:
     if probe_auc != probe_auc:
         shortcut = "border probe not run (too few images per class)"
     elif probe_auc >= 0.8:
@@ -165,18 +185,21 @@ def verdict(probe_auc: float, exact: int, near: int) -> str:
         shortcut = f"some label information in the image border (AUC {probe_auc:.3f})"
     else:
         shortcut = f"no label information in the image border (AUC {probe_auc:.3f})"
-    return f"{shortcut}; {exact} exact and {near} near duplicate pairs"
+    return "; ".join([shortcut, f"{exact} exact and {near} near duplicate pairs", *confounds])
 
 
-def audit_dataset(location: str | Path, img_size: int = 64, seed: int = 0, require_train: bool = True) -> dict:
-    """The audit report as a dict (JSON-serialisable)."""
+def audit_dataset(datasets: str | Path, img_size: int = 64, seed: int = 0, require_train: bool = True,
+                  label_map: str = "", locations: dict[str, Path] | None = None) -> dict:
+    """The audit report of one dataset or several (comma-separated, as ``data`` takes them), as a
+    dict (JSON-serialisable)."""
     spec = PreprocessSpec(img_size=img_size, channels=3, color_constancy=False)
-    data = prepare_dataset(location, spec, require_train=require_train)
+    data = load_datasets(str(datasets), spec, require_train=require_train, label_map=label_map, locations=locations)
     probe_auc, probe_probs = border_probe(data.images, data.labels, seed)
     duplicates = duplicate_pairs(data)
-    stats = class_statistics(data, original_dimensions(location, data.paths))
+    stats = class_statistics(data, original_dimensions(data))
+    sources = source_table(data, seed)
     report = {
-        "data": str(Path(location).resolve()),
+        "data": data.source,
         "images": len(data.labels),
         "skipped_files": len(data.skipped),
         "border_probe_auc": probe_auc,
@@ -184,9 +207,13 @@ def audit_dataset(location: str | Path, img_size: int = 64, seed: int = 0, requi
         "near_duplicate_pairs": duplicates["near"]["pairs"],
         "cross_split_duplicate_pairs": duplicates["exact"]["cross_split"] + duplicates["near"]["cross_split"],
         "conflicting_label_pairs": duplicates["exact"]["conflicting_labels"] + duplicates["near"]["conflicting_labels"],
-        "verdict": verdict(probe_auc, duplicates["exact"]["pairs"], duplicates["near"]["pairs"]),
+        "copies_across_datasets": data.copies_removed,
+        "copies_within_datasets": data.copies_within,
+        "verdict": verdict(probe_auc, duplicates["exact"]["pairs"], duplicates["near"]["pairs"],
+                           [row["warning"] for row in sources.values() if "warning" in row]),
         "duplicates": duplicates,
         "class_statistics": stats,
+        "sources": sources,
     }
     report["_figure_data"] = {"labels": data.labels, "probe_probs": probe_probs, "images": data.images}
     return report

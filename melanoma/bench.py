@@ -46,7 +46,7 @@ from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.inference import select_device
 from melanoma.memory import glibc_mallopt, recycle_freed_memory
 from melanoma.models import build_model
-from melanoma.train import class_weights, grad_scaler, make_batch, train_step
+from melanoma.train import grad_scaler, make_batch, sample_weights, train_step
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,14 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=NOTEBOOK["lr"])
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    weights = class_weights(labels).to(device)
+    weights = sample_weights(labels)
     generator = torch.Generator().manual_seed(0)
     scaler = grad_scaler(device)
 
     def step() -> None:
         idx = torch.randint(len(images_t), (batch,), generator=generator)
         x, y = make_batch(images_t[idx], labels_t[idx], spec, "full", generator, device)
-        train_step(model, optimizer, scaler, x if channels_last else x.contiguous(), y, weights, device)
+        train_step(model, optimizer, scaler, x if channels_last else x.contiguous(), y, weights[idx].to(device), device)
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -1,4 +1,4 @@
-"""The ``melanoma`` command: train, search, register, evaluate, audit, bench, demo-data.
+"""The ``melanoma`` command: train, search, register, evaluate, card, audit, bench, demo-data.
 
 Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
 imported by the command that needs them, so ``melanoma --help`` starts without torch.
@@ -63,10 +63,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from melanoma.card import write_card
+
+    text = write_card(args.run)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from melanoma.audit import audit_dataset, write_report
 
-    report = audit_dataset(args.data, img_size=args.img_size, seed=args.seed)
+    report = audit_dataset(args.data, img_size=args.img_size, seed=args.seed, label_map=args.label_map)
     paths = write_report(report, args.out, args.report)
     print(report["verdict"])
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
@@ -127,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--experiment", default="melanoma-evaluation")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    card = sub.add_parser("card", help="write a run's model card again (and its registered versions' descriptions)")
+    card.add_argument("run", help="training run id, runs:/ID/model or models:/NAME@ALIAS")
+    card.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
+    card.set_defaults(func=cmd_card)
+
     audit = sub.add_parser("audit", help="duplicates, background-only probe and image statistics")
-    audit.add_argument("--data", required=True)
+    audit.add_argument("--data", required=True, help="one dataset or several, comma-separated (as train takes them)")
+    audit.add_argument("--label_map", default=TrainConfig.label_map, help="metadata layout: diagnosis -> class")
     audit.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     audit.add_argument("--report", type=Path, default=Path("audit.png"), help="the figure")
     audit.add_argument("--img-size", type=int, default=64)

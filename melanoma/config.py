@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 REGISTERED_MODEL = "melanoma-classifier"
 DEFAULT_ALIAS = "champion"
 AUGMENTATIONS = ("none", "flip", "style", "full")
+CALIBRATIONS = ("temperature", "isotonic", "none")
+BALANCES = ("class", "source")
 OPTIMIZERS = ("adamw", "adam")
 
 
@@ -27,7 +29,10 @@ class TrainConfig:
     """
 
     model: str = "resnet18"  # see melanoma.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
-    data: str = "demo"  # a Kaggle-layout folder, the Kaggle zip, or "demo"
+    data: str = "demo"  # datasets, comma-separated: Kaggle-layout folders or zips, metadata folders, "demo"
+    label_map: str = "mel:malignant,nv:benign"  # metadata layout: diagnosis -> class; others left out
+    holdout_source: str = ""  # train without this source and report on it (leave-one-source-out)
+    balance: str = "class"  # class | source: each class (or each source x class cell) weighs the same
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3  # the classifier head's; the backbone's is lr * backbone_lr_factor
@@ -51,6 +56,8 @@ class TrainConfig:
     mask_corners: bool = False  # black out everything outside the inscribed circle
     crop_lesion: bool = True  # cut each image to the dark blob in its centre (the lesion) first
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
+    calibration: str = "temperature"  # temperature | isotonic | none: fitted on validation, served
+    bootstrap: int = 1000  # resamples for the 95 % confidence intervals (0: none)
     external: str = ""  # extra evaluation-only folders, comma-separated
     gradcam_images: int = 8
     demo_size: int = 240  # images per class in the synthetic demo set
@@ -63,6 +70,15 @@ class TrainConfig:
             raise ValueError(f"no pretrained weights exist for {self.model}; use pretrained=false")
         if self.drop_path and arch.library != "timm":
             raise ValueError(f"drop_path is for timm models; {self.model} has no stochastic depth")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        from melanoma.data.metadata import parse_label_map
+
+        parse_label_map(self.label_map)
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must not be negative, got {self.bootstrap}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.channels not in (1, 3):

@@ -12,16 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
 from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.inference import predict_proba
+from melanoma.inference import predict_logits
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """The metrics defined for these labels: all of them when both classes are present;
-    for a single-class set only accuracy and that class's recall (specificity or sensitivity)."""
+    for a single-class set only accuracy and that class's recall (specificity or sensitivity).
+
+    Besides the rates at ``threshold``: balanced accuracy (the ISIC 2018/2019 ranking metric),
+    ROC AUC, the partial AUC above 80 % sensitivity as ISIC 2024 scores it, average precision,
+    and the specificity reachable at 90 % and 95 % sensitivity.
+    """
     labels = np.asarray(labels)
     pred = (np.asarray(probs) >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
@@ -35,7 +40,31 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: flo
         metrics["balanced_accuracy"] = (metrics["sensitivity"] + metrics["specificity"]) / 2
         metrics["auc"] = float(roc_auc_score(labels, probs))
         metrics["f1"] = float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+        metrics["pauc_above_80_sensitivity"] = partial_auc_above_sensitivity(labels, probs, 0.8)
+        metrics["average_precision"] = float(average_precision_score(labels, probs))
+        for target in (0.90, 0.95):
+            metrics[f"specificity_at_{round(target * 100)}_sensitivity"] = specificity_at_sensitivity(
+                labels, probs, target)
     return metrics
+
+
+def partial_auc_above_sensitivity(labels: np.ndarray, probs: np.ndarray, min_sensitivity: float = 0.8) -> float:
+    """The area between the ROC curve and the line sensitivity = ``min_sensitivity``, where the
+    curve is above it: ISIC 2024's score (raw, not McClish-normalised; 0 to 1 - min_sensitivity).
+
+    Computed as ISIC 2024 does: scikit-learn's partial AUC up to a false-positive rate of
+    1 - min_sensitivity with both classes swapped, with its McClish normalisation undone.
+    """
+    max_fpr = 1 - min_sensitivity
+    scaled = roc_auc_score(1 - np.asarray(labels), -np.asarray(probs, dtype=np.float64), max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / 0.5 * (scaled - 0.5))
+
+
+def specificity_at_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """The specificity of the highest threshold that still finds ``target`` of the melanomas."""
+    threshold = threshold_for_sensitivity(labels, probs, target)
+    benign = np.asarray(probs)[np.asarray(labels) == 0]
+    return float(np.mean(benign < threshold))
 
 
 def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
@@ -63,11 +92,25 @@ def operating_point(labels: np.ndarray, probs: np.ndarray, target_sensitivity: f
 
 
 def score_folder(model: torch.nn.Module, folder: str | Path, spec: PreprocessSpec,
-                 device: torch.device) -> tuple[PreparedData, np.ndarray]:
-    """A labelled evaluation folder (decoded through the cache) and the model's malignant
-    probability for each of its images."""
+                 device: torch.device) -> tuple[PreparedData, torch.Tensor]:
+    """A labelled evaluation folder (decoded through the cache) and the model's logits for each
+    of its images."""
     data = prepare_dataset(folder, spec, require_train=False)
-    return data, predict_proba(model, data.images, spec, device)
+    return data, predict_logits(model, data.images, spec, device)
+
+
+def source_metrics(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
+                   threshold: float) -> dict[str, dict[str, float]]:
+    """Per source, the metrics at ``threshold`` and the image count, where there is more than one
+    source (one source's figures are the set's)."""
+    names = sorted(set(sources))
+    if len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        chosen = np.asarray(sources) == name
+        out[name] = {**classification_metrics(labels[chosen], probs[chosen], threshold), "count": int(chosen.sum())}
+    return out
 
 
 def folder_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:

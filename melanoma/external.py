@@ -12,14 +12,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from melanoma import tracking
-from melanoma.evaluate import folder_metrics, score_folder
-from melanoma.figures import confusion_figure, roc_figure
+from melanoma import card, tracking
+from melanoma.evaluate import score_folder
+from melanoma.figures import confusion_figure
+from melanoma.pipeline import log_set
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None = None) -> dict:
+def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None = None, bootstrap: int = 1000) -> dict:
     """Metrics of ``model_uri`` on ``data`` at the model's own threshold, logged as an evaluation
     run tagged with the model and the run that trained it.
 
@@ -27,24 +28,28 @@ def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None 
     ``benign/`` and/or ``malignant/`` folders, or one folder named after a class.
     """
     classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    prepared, probs = score_folder(classifier.model, data, classifier.spec, classifier.device)
+    prepared, logits = score_folder(classifier.model, data, classifier.spec, classifier.device)
     chosen = prepared.indices("test")
     if not len(chosen):
         chosen = np.arange(len(prepared.labels))
         if len(prepared.indices("train")):
             log.warning("%s has no test/ split; scoring train/ (optimistic if the model trained on it)", data)
-    labels, probs = prepared.labels[chosen], probs[chosen]
+    labels, logits = prepared.labels[chosen], logits[chosen]
     name = name or Path(data).resolve().name
-    metrics = {**folder_metrics(labels, probs, classifier.threshold), "skipped_files": len(prepared.skipped)}
 
+    source_run_id = mlflow.models.get_model_info(model_uri).run_id or ""
     with mlflow.start_run(run_name=f"evaluate-{name}"):
-        mlflow.set_tags({"evaluation": "external", "model_uri": model_uri,
-                         "source_run_id": mlflow.models.get_model_info(model_uri).run_id or ""})
+        tracking.tag_experiment()
+        mlflow.set_tags({"evaluation": "external", "model_uri": model_uri, "source_run_id": source_run_id})
         mlflow.log_params({"model_uri": model_uri, "data": str(Path(data).resolve()), "name": name,
                            "threshold": classifier.threshold})
-        tracking.log_metrics(metrics, prefix=f"{name}_")
+        metrics = log_set(name, f"{name}_", labels, logits, classifier.calibration, classifier.threshold,
+                          np.asarray(prepared.md5s)[chosen], bootstrap)
+        metrics["skipped_files"] = len(prepared.skipped)
+        mlflow.log_metric(f"{name}_skipped_files", len(prepared.skipped))
         if len(set(labels)) == 2:
-            tracking.log_figure(confusion_figure(labels, probs, classifier.threshold, name),
-                                f"evaluation/confusion_{name}.png")
-            tracking.log_figure(roc_figure(labels, probs, classifier.threshold, name), f"evaluation/roc_{name}.png")
+            tracking.log_figure(confusion_figure(labels, classifier.calibration.probabilities(logits),
+                                                 classifier.threshold, name), f"evaluation/confusion_{name}.png")
+    if source_run_id:
+        card.write_card(source_run_id)  # the model's card now lists this evaluation too
     return {"name": name, "threshold": classifier.threshold, **metrics}

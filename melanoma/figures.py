@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
+from melanoma.calibration import reliability_curve  # noqa: E402
 from melanoma.data.layout import CLASSES  # noqa: E402
 from melanoma.evaluate import classification_metrics  # noqa: E402
 from melanoma.gradcam import overlay  # noqa: E402
@@ -34,19 +35,70 @@ def confusion_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, ti
     return fig
 
 
-def roc_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
-    """ROC curve with the operating point marked."""
+def roc_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str,
+               intervals: dict[str, tuple[float, float]] | None = None) -> plt.Figure:
+    """ROC curve with the operating point marked (with its 95 % intervals when given)."""
     fpr, tpr, _ = roc_curve(labels, probs)
     m = classification_metrics(labels, probs, threshold)
     fig, ax = plt.subplots(figsize=(4.6, 4))
-    ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
+    auc_label = f"AUC {m['auc']:.3f}"
+    if intervals and "auc" in intervals:
+        auc_label += " ({:.3f}-{:.3f})".format(*intervals["auc"])
+    ax.plot(fpr, tpr, label=auc_label)
     ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=0.8)
-    ax.scatter([1 - m["specificity"]], [m["sensitivity"]], c="red", zorder=3,
+    x, y = 1 - m["specificity"], m["sensitivity"]
+    if intervals and {"sensitivity", "specificity"} <= set(intervals):
+        (s_low, s_high), (p_low, p_high) = intervals["sensitivity"], intervals["specificity"]
+        ax.errorbar([x], [y], xerr=[[x - (1 - p_high)], [(1 - p_low) - x]], yerr=[[y - s_low], [s_high - y]],
+                    c="red", capsize=3, lw=1)
+    ax.scatter([x], [y], c="red", zorder=3,
                label=f"threshold {threshold:.3f}: sens {m['sensitivity']:.2f}, spec {m['specificity']:.2f}")
     ax.set_xlabel("1 - specificity (benign called malignant)")
     ax.set_ylabel("sensitivity (malignant found)")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, title: str) -> plt.Figure:
+    """Observed malignant share against predicted probability, before and after calibration."""
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=0.8, label="perfectly calibrated")
+    for probs, name in ((raw, "uncalibrated"), (calibrated, "calibrated")):
+        predicted, observed, counts = reliability_curve(labels, probs)
+        ax.plot(predicted, observed, marker="o", label=name)
+    ax.set_xlabel("predicted malignant probability")
+    ax.set_ylabel("observed share malignant")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sets_figure(rows: dict[str, dict[str, float]]) -> plt.Figure:
+    """Sensitivity and specificity at the operating threshold for every evaluated set, with
+    their 95 % intervals: how the operating point travels from validation to other data."""
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(4.6, 1.3 * len(names) + 2), 3.8))
+    width = 0.38
+    for offset, metric in ((-width / 2, "sensitivity"), (width / 2, "specificity")):
+        xs, values, errors = [], [], [[], []]
+        for i, name in enumerate(names):
+            if metric in rows[name]:
+                value = rows[name][metric]
+                low, high = rows[name].get(f"{metric}_ci_low", value), rows[name].get(f"{metric}_ci_high", value)
+                xs.append(i + offset)
+                values.append(value)
+                errors[0].append(value - low)
+                errors[1].append(high - value)
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=metric)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("at the operating threshold, with 95 % intervals", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 

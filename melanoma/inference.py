@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from melanoma.calibration import Calibration
 from melanoma.data.preprocessing import PreprocessSpec, normalize
 
 
@@ -65,11 +66,7 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: Pr
     return torch.cat(out) if out else torch.empty(0, 2)
 
 
-def malignant_probability(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
-
-
-def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec,
-                  device: torch.device) -> np.ndarray:
-    """Malignant probability of each uint8 image (N, C, H, W)."""
-    return malignant_probability(predict_logits(model, images, spec, device))
+def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec, device: torch.device,
+                  calibration: Calibration = Calibration()) -> np.ndarray:
+    """Malignant probability of each uint8 image (N, C, H, W), calibrated by ``calibration``."""
+    return calibration.probabilities(predict_logits(model, images, spec, device))

@@ -66,7 +66,17 @@ def build_model(name: str, channels: int = 3, pretrained: str = "false", drop_pa
         model = _timm_model(arch, channels, pretrained, drop_path)
     else:
         model = _torchvision_model(arch, channels, pretrained)
+    if pretrained.lower() != "false":
+        _init_new_head(classifier_head(model))
     return model
+
+
+def _init_new_head(head: nn.Module) -> None:
+    """Start the new 2-class layer near zero, so the first steps' large, random-head gradients do
+    not disturb the pretrained features (timm's default init gave a first loss of about 5)."""
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.normal_(last.weight, std=0.01)
+    nn.init.zeros_(last.bias)
 
 
 def _timm_model(arch: Architecture, channels: int, pretrained: str, drop_path: float) -> nn.Module:

@@ -1,7 +1,8 @@
 """One training run from settings to a logged model, inside the active MLflow run.
 
-data -> split -> fit (per-epoch metrics) -> operating point on validation -> report on test
-(or validation) -> external sets -> figures -> logged pyfunc model.
+data -> split -> fit (per-epoch metrics) -> calibration and operating point on validation ->
+every set reported with intervals (validation, test, external) -> figures -> logged pyfunc
+model -> model card.
 """
 
 from __future__ import annotations
@@ -14,23 +15,28 @@ import mlflow
 import numpy as np
 import torch
 
-from melanoma import tracking
+from melanoma import card, tracking
 from melanoma.audit import audit_dataset, audit_figure, public_report
+from melanoma.calibration import Calibration, brier_score, expected_calibration_error, fit_calibration
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import PreparedData
 from melanoma.data.layout import CLASSES, read_file
 from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.evaluate import classification_metrics, external_names, folder_metrics, operating_point, score_folder
-from melanoma.figures import confusion_figure, gradcam_panel, history_figure, roc_figure
+from melanoma.data.dataset import cache_dir
+from melanoma.data.demo import demo_dataset
+from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder, source_metrics
+from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
+                              sets_figure)
 from melanoma.gradcam import GradCAM
-from melanoma.inference import predict_proba, select_device, to_model_input
+from melanoma.inference import predict_logits, select_device, to_model_input
+from melanoma.intervals import bootstrap_intervals, interval_metrics
 from melanoma.models import build_model, gradcam_layer
 from melanoma.train import EpochCallback, fit_data, load_data
 
 log = logging.getLogger(__name__)
 
 AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pairs", "cross_split_duplicate_pairs",
-                 "conflicting_label_pairs")
+                 "conflicting_label_pairs", "copies_across_datasets", "copies_within_datasets")
 
 
 def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
@@ -54,35 +60,51 @@ def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
 
 
 @functools.lru_cache(maxsize=4)
-def cached_audit(location: str, seed: int, digest: str) -> dict:
+def cached_audit(datasets: str, label_map: str, seed: int, digest: str, demo: str) -> dict:
     """One audit per dataset and process: a search's trials share it instead of repeating it."""
-    return audit_dataset(location, seed=seed)
+    return audit_dataset(datasets, seed=seed, label_map=label_map, locations={"demo": Path(demo)})
 
 
-def log_audit(location: Path, seed: int, digest: str) -> None:
-    """The data audit of every training run: metrics, verdict, JSON and figure."""
-    report = cached_audit(str(location), seed, digest)
+def log_audit(cfg: TrainConfig, digest: str, demo: Path) -> None:
+    """The data audit of every training run: metrics, verdict, the source x class table, JSON and figure."""
+    report = cached_audit(cfg.data, cfg.label_map, cfg.seed, digest, str(demo))
     tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix="audit_")
-    mlflow.set_tag("audit_verdict", report["verdict"])
+    for source, row in report["sources"].items():
+        tracking.log_metrics({f"{source}_{k}": v for k, v in row.items() if k != "warning"}, prefix="audit_")
+    mlflow.set_tag("audit_verdict", report["verdict"][:5000])
     tracking.log_json(public_report(report), "audit/audit.json")
     tracking.log_figure(audit_figure(report), "audit/audit.png")
 
 
-def log_report(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, split: str,
-               threshold: float, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device) -> dict[str, float]:
-    """Final metrics at 0.5 and at the operating threshold, confusion matrices, ROC, Grad-CAM."""
-    report = classification_metrics(labels, probs, 0.5)
-    if split != "val":  # validation's are logged already, as best_val_* and val_op_*
-        tracking.log_metrics(report, prefix=f"{split}_")
-        tracking.log_metrics(classification_metrics(labels, probs, threshold), prefix=f"{split}_op_")
+def log_set(name: str, prefix: str, labels: np.ndarray, logits: torch.Tensor, calibration: Calibration,
+            threshold: float, groups: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
+    """One evaluated set's figures at the operating threshold, with 95 % intervals (whole
+    duplicate groups resampled), its calibration before and after, and its ROC and reliability
+    diagram; returns what was logged under ``prefix``."""
+    raw, probs = Calibration().probabilities(logits), calibration.probabilities(logits)
+    metrics = {**classification_metrics(labels, probs, threshold), "count": len(labels),
+               "mean_malignant_probability": float(np.mean(probs)),
+               "ece": expected_calibration_error(labels, probs), "ece_uncalibrated": expected_calibration_error(labels, raw),
+               "brier": brier_score(labels, probs), "brier_uncalibrated": brier_score(labels, raw)}
+    intervals = bootstrap_intervals(labels, probs, threshold, groups, resamples, seed) if resamples else {}
+    metrics.update(interval_metrics(intervals))
+    tracking.log_metrics(metrics, prefix=prefix)
+    tracking.log_figure(reliability_figure(labels, raw, probs, f"calibration, {name}"),
+                        f"evaluation/reliability_{name}.png")
+    if len(set(labels)) == 2:
+        tracking.log_figure(roc_figure(labels, probs, threshold, f"ROC, {name}", intervals), f"evaluation/roc_{name}.png")
+    return metrics
+
+
+def log_report_figures(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, split: str,
+                       threshold: float, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device) -> None:
+    """Confusion matrices at 0.5 and at the operating threshold, and Grad-CAM examples."""
     for name, t in (("0.5", 0.5), ("operating", threshold)):
         tracking.log_figure(confusion_figure(labels, probs, t, f"{split} set, {name} threshold"),
                             f"evaluation/confusion_{split}_{name}_threshold.png")
-    tracking.log_figure(roc_figure(labels, probs, threshold, f"ROC, {split} set"), f"evaluation/roc_{split}.png")
     if cfg.gradcam_images:
         fig = gradcam_examples(model, images, labels, probs, spec, max(1, cfg.gradcam_images // 2), cfg.seed, device)
         tracking.log_figure(fig, f"gradcam/gradcam_{split}.png")
-    return report
 
 
 def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict:
@@ -98,15 +120,15 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     run_data = load_data(cfg, spec)
     data, fit_idx, val_idx, test_idx = run_data.data, run_data.fit_idx, run_data.val_idx, run_data.data.indices("test")
 
+    tracking.tag_experiment()
     mlflow.set_tags({"dataset": "synthetic-demo" if run_data.synthetic else "real",
                      "synthetic_data": str(run_data.synthetic).lower(), "model_family": cfg.model,
                      "device": device.type})
-    tracking.log_new_params({**cfg.to_params(), "data_location": str(run_data.location.resolve())})
+    tracking.log_new_params({**cfg.to_params(),
+                             "data_location": ",".join(str(p.resolve()) for p in run_data.locations)})
     mlflow.log_params(dataset_params(data, fit_idx, val_idx, test_idx))
-    mlflow.log_metric("data_skipped_files", len(data.skipped))
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
-    log_audit(run_data.location, cfg.seed, data.digest)
 
     model = build_model(cfg.model, cfg.channels, cfg.pretrained, cfg.drop_path)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
@@ -117,27 +139,51 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
             on_epoch_end(epoch, metrics)
 
     result = fit_data(model, run_data, spec, cfg, device, on_epoch_end=report_epoch)
-    mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+    mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                        "data_skipped_files": len(data.skipped)})
+    log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
     tracking.log_figure(history_figure(result.history), "training/history.png")
 
-    val_probs = predict_proba(model, data.images[val_idx], spec, device)
-    point = operating_point(data.labels[val_idx], val_probs, cfg.target_sensitivity)
-    mlflow.log_metric("threshold", point.threshold)
-    tracking.log_metrics(classification_metrics(data.labels[val_idx], val_probs), prefix="best_val_")
-    tracking.log_metrics(point.metrics, prefix="val_op_")
+    groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
+    val_labels, val_logits = data.labels[val_idx], predict_logits(model, data.images[val_idx], spec, device)
+    calibration = fit_calibration(cfg.calibration, val_logits, val_labels)
+    val_probs = calibration.probabilities(val_logits)
+    point = operating_point(val_labels, val_probs, cfg.target_sensitivity)
+    mlflow.log_metrics({"threshold": point.threshold, "temperature": calibration.temperature})
+    tracking.log_metrics(classification_metrics(val_labels, val_probs), prefix="best_val_")
+    sets = {"val": log_set("val", "val_op_", val_labels, val_logits, calibration, point.threshold,
+                           groups[val_idx], cfg.bootstrap, cfg.seed)}
+    for source, metrics in source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold).items():
+        tracking.log_metrics(metrics, prefix=f"val_{source}_")
+    if len(run_data.holdout_idx):
+        held = run_data.holdout_idx
+        sets[f"holdout {cfg.holdout_source}"] = log_set(
+            f"holdout_{cfg.holdout_source}", f"holdout_{cfg.holdout_source}_", data.labels[held],
+            predict_logits(model, data.images[held], spec, device), calibration, point.threshold, groups[held],
+            cfg.bootstrap, cfg.seed)
 
     report_split, report_idx = ("test", test_idx) if len(test_idx) else ("val", val_idx)
-    report_probs = val_probs if report_split == "val" else predict_proba(model, data.images[report_idx], spec, device)
-    report = log_report(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
-                        point.threshold, cfg, spec, device)
+    if report_split == "test":
+        test_labels, test_logits = data.labels[test_idx], predict_logits(model, data.images[test_idx], spec, device)
+        tracking.log_metrics(classification_metrics(test_labels, calibration.probabilities(test_logits)),
+                             prefix="test_")
+        sets["test"] = log_set("test", "test_op_", test_labels, test_logits, calibration, point.threshold,
+                               groups[test_idx], cfg.bootstrap, cfg.seed)
+    report_probs = calibration.probabilities(predict_logits(model, data.images[report_idx], spec, device))
+    log_report_figures(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
+                       point.threshold, cfg, spec, device)
 
     for name, folder in external_names(cfg.external_dirs).items():
-        external, probs = score_folder(model, folder, spec, device)
-        tracking.log_metrics(folder_metrics(external.labels, probs, point.threshold), prefix=f"external_{name}_")
+        external, logits = score_folder(model, folder, spec, device)
+        sets[name] = log_set(name, f"external_{name}_", external.labels, logits, calibration, point.threshold,
+                             external.groups, cfg.bootstrap, cfg.seed)
+    tracking.log_figure(sets_figure(sets), "evaluation/operating_point_by_set.png")
 
-    example_bytes = read_file(run_data.location, data.paths[report_idx[0]])
-    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes,
+    example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
+    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes, calibration,
                                         {"target_sensitivity": cfg.target_sensitivity})
     mlflow.set_tag("model_uri", model_uri)
+    card.log_card(mlflow.active_run().info.run_id)
+    report = sets[report_split]
     return {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
             "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}

@@ -161,6 +161,7 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
 
     with mlflow.start_run(run_id=parent_run_for(study), run_name=f"search-{study_name}") as parent:
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+        tracking.tag_experiment()
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
         tracking.log_new_params({"study_name": study_name, "storage": storage_url,

@@ -2,8 +2,8 @@
 
 An MLflow pyfunc. Clients send a DataFrame column ``image`` of base64-encoded image files
 (JPEG, PNG, BMP, ...; any size; grayscale, RGB or RGBA) and get one row per image with
-``malignant_probability``, ``benign_probability`` and ``label`` (at the operating threshold
-stored with the model). With the predict param ``explain=true`` each row also carries
+``malignant_probability`` (calibrated on validation), ``benign_probability`` and ``label`` (at
+the operating threshold stored with the model). With the predict param ``explain=true`` each row also carries
 ``gradcam_png``, a base64 PNG of the Grad-CAM overlay.
 """
 
@@ -22,6 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from melanoma.calibration import Calibration
 from melanoma.data.layout import CLASSES
 from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, load_for_model
 from melanoma.gradcam import GradCAM, overlay
@@ -88,7 +89,8 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
     def load(self, weights: Path, settings: Path) -> None:
         self.settings = json.loads(Path(settings).read_text())
         self.spec = PreprocessSpec(**self.settings["preprocess"])
-        self.threshold = float(self.settings["threshold"])
+        self.threshold = float(self.settings["threshold"])  # on the calibrated scale
+        self.calibration = Calibration(**self.settings.get("calibration", {}))
         self.device = select_device()
         self.model = build_model(self.settings["model"], self.spec.channels)
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -114,7 +116,7 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         except BadInputError as exc:
             # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 with this message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        probs = predict_proba(self.model, images, self.spec, self.device)
+        probs = predict_proba(self.model, images, self.spec, self.device, self.calibration)
         result = pd.DataFrame({
             "malignant_probability": probs.astype(np.float64),
             "benign_probability": (1.0 - probs).astype(np.float64),

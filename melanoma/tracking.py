@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import melanoma
 from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
+from melanoma.calibration import Calibration
 from melanoma.data.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,22 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(melanoma.__file__).parent
 # The served model's code: the serving path alone (tests/test_serving.py checks that it imports
 # nothing else of the package), and the packages it imports.
-SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "gradcam.py", "serving.py",
-                   "pyfunc_model.py", "data/__init__.py", "data/layout.py", "data/preprocessing.py")
+SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "calibration.py", "gradcam.py",
+                   "serving.py", "pyfunc_model.py", "data/__init__.py", "data/layout.py", "data/preprocessing.py")
 SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow")
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training views
+
+
+def tag_experiment() -> None:
+    """Mark the active run's experiment as model development (MLflow 3's UI otherwise opens a
+    GenAI trace dashboard)."""
+    run = mlflow.active_run()
+    client = MlflowClient()
+    for key, value in EXPERIMENT_KIND.items():
+        if client.get_experiment(run.info.experiment_id).tags.get(key) != value:
+            client.set_experiment_tag(run.info.experiment_id, key, value)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
@@ -87,11 +101,12 @@ def serving_code(folder: Path) -> Path:
 
 
 def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec, threshold: float,
-                   example_image: bytes, extra_settings: dict | None = None) -> str:
-    """Log the trained network as a self-contained pyfunc (models-from-code, the package bundled
-    as code); returns the model URI."""
+                   example_image: bytes, calibration: Calibration = Calibration(),
+                   extra_settings: dict | None = None) -> str:
+    """Log the trained network as a self-contained pyfunc (models-from-code, the serving code
+    bundled); returns the model URI."""
     settings = {"model": model_name, "preprocess": spec.to_dict(), "threshold": threshold,
-                **(extra_settings or {})}
+                "calibration": calibration.to_dict(), **(extra_settings or {})}
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / "weights.pt", Path(tmp) / "settings.json"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
@@ -119,6 +134,9 @@ def register_run_model(run_id: str, name: str = REGISTERED_MODEL, alias: str | N
     run = client.get_run(run_id)  # a clear MlflowException if the run does not exist
     model_uri = run.data.tags.get("model_uri", f"runs:/{run_id}/model")
     version = mlflow.register_model(model_uri, name, tags={"run_id": run_id, **(tags or {})})
+    from melanoma.card import log_card
+
+    client.update_model_version(name, version.version, description=log_card(run_id))
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
         log.info("registered %s version %s as @%s", name, version.version, alias)

@@ -22,11 +22,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from melanoma.config import TrainConfig
-from melanoma.data.dataset import PreparedData, prepare_dataset, split_train_val
-from melanoma.data.demo import resolve_dataset
+from melanoma.data.combine import load_datasets, parse_datasets
+from melanoma.data.dataset import PreparedData, cache_dir, split_train_val
+from melanoma.data.demo import demo_dataset
 from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.evaluate import classification_metrics
-from melanoma.inference import amp_dtype, autocast, predict_logits, malignant_probability, to_model_input
+from melanoma.calibration import Calibration
+from melanoma.inference import amp_dtype, autocast, predict_logits, to_model_input
 from melanoma.memory import recycle_freed_memory
 from melanoma.models import classifier_head
 
@@ -125,6 +127,15 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+def sample_weights(labels: np.ndarray, sources: np.ndarray | None = None) -> torch.Tensor:
+    """A loss weight per image so that every class (or, with ``sources``, every source x class
+    cell) weighs the same in total: a source that holds one class cannot outweigh the others."""
+    cells = np.asarray(labels).astype(str) if sources is None else np.char.add(np.asarray(sources).astype(str),
+                                                                               np.asarray(labels).astype(str))
+    _, cell, counts = np.unique(cells, return_inverse=True, return_counts=True)
+    return torch.tensor(len(cells) / (len(counts) * counts[cell]), dtype=torch.float32)
+
+
 def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec, augment_mode: str,
                generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A uint8 batch -> augmented, normalised model input and labels on ``device``.
@@ -138,10 +149,12 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec,
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
                y: torch.Tensor, weights: torch.Tensor | None, device: torch.device,
                label_smoothing: float = 0.0) -> tuple[float, torch.Tensor]:
-    """One optimisation step; returns the loss and the (detached) logits."""
+    """One optimisation step (loss: the ``weights``-weighted mean over the batch, one weight per
+    image); returns the loss and the (detached) logits."""
     with autocast(device):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=label_smoothing)
+        losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
+        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -191,29 +204,42 @@ def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch
 
 @dataclass
 class TrainingData:
-    """A run's decoded dataset and its train/validation split."""
+    """A run's decoded datasets, its train/validation split, and the held-out source's images."""
 
-    location: Path
+    locations: list[Path]
     synthetic: bool
     data: PreparedData
     fit_idx: np.ndarray
     val_idx: np.ndarray
+    holdout_idx: np.ndarray
 
 
 def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainingData:
-    """Find, decode (through the cache) and split ``cfg.data``."""
-    location, synthetic = resolve_dataset(cfg.data, cfg.demo_size, cfg.seed)
-    data = prepare_dataset(location, spec)
-    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed)
-    return TrainingData(location, synthetic, data, fit_idx, val_idx)
+    """Find, decode (through the cache), combine and split ``cfg.data``; with ``holdout_source``
+    that source's images are kept out of training and validation."""
+    entries = parse_datasets(cfg.data)
+    demo = {"demo": demo_dataset(cfg.demo_size, cfg.seed, cache_dir())}
+    data = load_datasets(cfg.data, spec, label_map=cfg.label_map, locations=demo)
+    pool, holdout = data.indices("train"), np.empty(0, dtype=np.int64)
+    if cfg.holdout_source:
+        sources = sorted(set(data.sources))
+        if cfg.holdout_source not in sources:
+            raise ValueError(f"holdout_source {cfg.holdout_source!r} is none of the data's sources: {sources}")
+        left_out = data.sources == cfg.holdout_source
+        holdout, pool = np.flatnonzero(left_out), pool[~left_out[pool]]
+        if not len(pool):
+            raise ValueError(f"holding out {cfg.holdout_source!r} leaves nothing to train on")
+    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed, pool)
+    return TrainingData([demo.get(path, Path(path)) for _, path in entries], "demo" in dict(entries).values(),
+                        data, fit_idx, val_idx, holdout)
 
 
 def fit_data(model: nn.Module, data: TrainingData, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
              on_epoch_end: EpochCallback | None = None) -> FitResult:
     """``fit`` on a run's own split."""
-    images, labels = data.data.images, data.data.labels
-    return fit(model, images[data.fit_idx], labels[data.fit_idx], images[data.val_idx], labels[data.val_idx], spec,
-               cfg, device, on_epoch_end)
+    d, fit_idx, val_idx = data.data, data.fit_idx, data.val_idx
+    return fit(model, d.images[fit_idx], d.labels[fit_idx], d.images[val_idx], d.labels[val_idx], spec, cfg, device,
+               on_epoch_end, train_sources=d.sources[fit_idx])
 
 
 @dataclass
@@ -237,7 +263,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     for start in bar:
         idx = order[start:start + cfg.batch_size]
         x, y = make_batch(images[idx], labels[idx], spec, cfg.augment, generator, device)
-        loss, logits = train_step(model, optimizer, scaler, x, y, weights, device, cfg.label_smoothing)
+        loss, logits = train_step(model, optimizer, scaler, x, y, weights[idx].to(device), device, cfg.label_smoothing)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -249,11 +275,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
 
 def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
         val_labels: np.ndarray, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-        on_epoch_end: EpochCallback | None = None) -> FitResult:
+        on_epoch_end: EpochCallback | None = None, train_sources: np.ndarray | None = None) -> FitResult:
     """Train with ``cfg``'s recipe, keep the weights of the epoch with the best validation AUC
     (loaded into ``model`` at the end), stop after ``patience`` epochs without improvement.
 
-    With ``ema`` the averaged weights are the ones validated and kept; with ``wise_alpha`` < 1
+    Each image's loss weight balances the classes (``balance=class``) or the source x class
+    cells (``balance=source``, with ``train_sources``). With ``ema`` the averaged weights are the
+    ones validated and kept; with ``wise_alpha`` < 1
     the kept weights are mixed back towards the initial (pretrained) ones at the end.
     ``on_epoch_end(epoch, metrics)`` may raise to stop (e.g. pruning).
     """
@@ -263,7 +291,8 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     initial = copy.deepcopy(model.state_dict()) if cfg.wise_alpha < 1 else None
     images = torch.from_numpy(np.ascontiguousarray(train_images))
     labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    weights = class_weights(np.asarray(train_labels)).to(device)
+    weights = sample_weights(train_labels, train_sources if cfg.balance == "source" else None)
+    val_weights = class_weights(np.asarray(train_labels))
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -285,14 +314,14 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
             train_seconds = time.perf_counter() - start
 
             val_logits = predict_logits(evaluated, val_images, spec, device)
-            val = classification_metrics(val_labels, malignant_probability(val_logits))
-            metrics = {
+            val = classification_metrics(val_labels, Calibration().probabilities(val_logits))
+            metrics = {  # the objective first: the MLflow UI's compare view plots the first metric first
+                "val_auc": val["auc"],
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "train_accuracy": train_accuracy,
-                "val_loss": F.cross_entropy(val_logits, val_targets, weight=weights.cpu()).item(),
+                "val_loss": F.cross_entropy(val_logits, val_targets, weight=val_weights).item(),
                 "val_accuracy": val["accuracy"],
-                "val_auc": val["auc"],
                 "val_sensitivity": val["sensitivity"],
                 "val_specificity": val["specificity"],
                 "lr": current_lr,

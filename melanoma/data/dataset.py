@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ def cache_dir() -> Path:
 
 @dataclass
 class PreparedData:
-    """A decoded dataset: uint8 images (N, C, H, W) with labels and splits, plus provenance."""
+    """A decoded dataset (or several combined): uint8 images (N, C, H, W) with labels and splits,
+    and per image its file, md5, source (collection or site) and group (its lesion or patient)."""
 
     source: str
     images: np.ndarray
@@ -39,17 +41,39 @@ class PreparedData:
     md5s: list[str]
     digest: str
     skipped: list[str] = field(default_factory=list)
+    sources: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    locations: np.ndarray | None = None  # the folder or zip each path is relative to
+    copies_removed: int = 0  # photos dropped as copies of a photo in another dataset
+    copies_within: int = 0  # pairs of copies inside one dataset (kept, in one group)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.sources is None:
+            self.sources = np.full(n, Path(self.source).stem)
+        if self.groups is None:
+            self.groups = np.asarray(self.paths)
+        if self.locations is None:
+            self.locations = np.full(n, self.source)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
+
+    def subset(self, idx: np.ndarray) -> "PreparedData":
+        """The images at ``idx`` (in memory)."""
+        idx = np.asarray(idx)
+        return PreparedData(self.source, np.asarray(self.images[idx]), self.labels[idx], self.splits[idx],
+                            [self.paths[i] for i in idx], [self.md5s[i] for i in idx], self.digest, self.skipped,
+                            self.sources[idx], self.groups[idx], self.locations[idx])
 
     def class_counts(self, idx: np.ndarray) -> dict[str, int]:
         counts = np.bincount(self.labels[idx], minlength=len(CLASSES))
         return {name: int(c) for name, c in zip(CLASSES, counts)}
 
 
-def _cache_key(source: Source, spec: PreprocessSpec, require_train: bool) -> str:
-    identity = [PREPROCESS_VERSION, str(source.location), spec.image_settings(), require_train, source.fingerprint()]
+def _cache_key(source: Source, spec: PreprocessSpec, require_train: bool, label_map: str) -> str:
+    identity = [PREPROCESS_VERSION, str(source.location), spec.image_settings(), require_train, label_map,
+                source.fingerprint()]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
@@ -85,25 +109,27 @@ def _decode_all(source: Source, records: list[ImageRecord], spec: PreprocessSpec
         "splits": np.array([r.split for r in kept]),
         "paths": [r.path for r in kept],
         "md5s": md5s,
+        "sources": [r.source or source.location.stem for r in kept],
+        "groups": [r.group or r.path for r in kept],
         "digest": digest.hexdigest()[:16],
         "skipped": skipped,
     }
 
 
 def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: bool = True,
-                    use_cache: bool = True, workers: int | None = None) -> PreparedData:
+                    use_cache: bool = True, workers: int | None = None, label_map: str = "") -> PreparedData:
     """Discover, decode and resize every image once; later calls with the same files and spec
     load the cached arrays instead (a changed file, size, or setting makes a new cache entry)."""
     source = Source(location)
     try:
-        entry = cache_dir() / "arrays" / _cache_key(source, spec, require_train)
+        entry = cache_dir() / "arrays" / _cache_key(source, spec, require_train, label_map)
         if use_cache and (entry / "meta.json").exists():
             log.info("loading cached arrays from %s", entry)
             meta = json.loads((entry / "meta.json").read_text())
             # Memory-mapped: opening is instant and pages are read on first use (by the OS, once).
             images = np.load(entry / "images.npy", mmap_mode="r")
         else:
-            records = discover(source, require_train=require_train)
+            records = discover(source, require_train=require_train, label_map=label_map)
             decoded = _decode_all(source, records, spec, workers or os.cpu_count() or 1)
             if require_train:
                 _check_train_classes(decoded, source)
@@ -115,7 +141,8 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
         source.close()
     return PreparedData(source=str(source.location), images=images,
                         labels=np.asarray(meta["labels"], dtype=np.int64), splits=np.asarray(meta["splits"]),
-                        paths=meta["paths"], md5s=meta["md5s"], digest=meta["digest"], skipped=meta["skipped"])
+                        paths=meta["paths"], md5s=meta["md5s"], digest=meta["digest"], skipped=meta["skipped"],
+                        sources=np.asarray(meta["sources"]), groups=np.asarray(meta["groups"]))
 
 
 def _check_train_classes(decoded: dict, source: Source) -> None:
@@ -141,20 +168,42 @@ def _write_cache(entry: Path, images: np.ndarray, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def split_train_val(data: PreparedData, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of ``train`` into train and validation, stratified by class.
-
-    Exact duplicates (same md5) stay on one side, so validation never scores an image that
-    was also trained on.
-    """
-    train_idx = data.indices("train")
-    groups: dict[str, list[int]] = {}
-    for i in train_idx:
-        groups.setdefault(data.md5s[i], []).append(int(i))
-    members = list(groups.values())
-    group_labels = [data.labels[m[0]] for m in members]
+def split_train_val(data: PreparedData, val_fraction: float, seed: int,
+                    pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of ``train`` (or of the indices ``pool``) into train and validation,
+    stratified by source and class, that keeps every group on one side: a lesion's or a patient's
+    photos, and exact duplicates (same md5), so validation never scores a lesion trained on."""
+    train_idx = data.indices("train") if pool is None else np.asarray(pool)
+    members = [np.asarray(m) for m in connected_groups(train_idx, data.groups[train_idx],
+                                                        np.asarray(data.md5s)[train_idx])]
+    strata = [f"{data.sources[m[0]]}:{data.labels[m[0]]}" for m in members]
+    counts = Counter(strata)
+    strata = [s if counts[s] >= 2 else "rare" for s in strata]  # a stratum needs two groups to be split
     fit_groups, val_groups = train_test_split(np.arange(len(members)), test_size=val_fraction,
-                                              stratify=group_labels, random_state=seed)
+                                              stratify=strata, random_state=seed)
     fit = np.sort(np.concatenate([members[g] for g in fit_groups]))
     val = np.sort(np.concatenate([members[g] for g in val_groups]))
     return fit, val
+
+
+def connected_groups(indices: np.ndarray, *keys: np.ndarray) -> list[list[int]]:
+    """``indices`` grouped so that any two sharing a value of any key end up together (union-find)."""
+    parent = list(range(len(indices)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key in keys:
+        first: dict = {}
+        for position, value in enumerate(key):
+            if value in first:
+                parent[root(position)] = root(first[value])
+            else:
+                first[value] = position
+    out: dict[int, list[int]] = {}
+    for position, i in enumerate(indices):
+        out.setdefault(root(position), []).append(int(i))
+    return list(out.values())

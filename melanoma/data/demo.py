@@ -80,10 +80,3 @@ def demo_dataset(per_class: int, seed: int, base: Path) -> Path:
         make_demo_dataset(root, per_class=per_class, seed=seed)
         (root / ".complete").touch()
     return root
-
-
-def resolve_dataset(data: str, demo_size: int, seed: int) -> tuple[Path, bool]:
-    """Where ``data`` is and whether it is the synthetic demo set ("demo": made in the cache)."""
-    if data == "demo":
-        return demo_dataset(demo_size, seed, cache_dir()), True
-    return Path(data).expanduser(), False

@@ -1,4 +1,5 @@
-"""Finding the images: a folder or a zip in the Kaggle layout, or a plain class folder."""
+"""Finding the images: a folder or a zip in the Kaggle layout, a folder of images with a metadata
+CSV (HAM10000, ISIC archive exports), or a plain class folder."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class ImageRecord:
     path: str  # posix path relative to the source (a folder or a zip)
     label: int
     split: str  # "train", "test" or "eval"
+    group: str = ""  # photos of one lesion (or patient) share it; "" = the photo alone
+    source: str = ""  # the collection or site the photo comes from; "" = the dataset's name
 
 
 class Source:
@@ -100,14 +103,22 @@ def _find_train_root(groups: dict[PurePosixPath, list[str]]) -> PurePosixPath | 
     return min(roots, key=lambda p: len(p.parts)) if roots else None
 
 
-def discover(source: Source, require_train: bool = True) -> list[ImageRecord]:
+def discover(source: Source, require_train: bool = True, label_map: str = "") -> list[ImageRecord]:
     """List the labelled files of a dataset.
 
-    Training needs the Kaggle layout (``train/`` required, ``test/`` optional). With
+    A folder with a metadata CSV (``image_id`` and ``dx`` columns) is read with ``label_map``
+    (see ``melanoma.data.metadata``). Otherwise training needs the Kaggle layout (``train/``
+    required, ``test/`` optional). With
     ``require_train=False`` (evaluation) a folder of ``benign/`` and/or ``malignant/``, or a
     single folder named after a class, is accepted too; such records get split ``"eval"``.
     """
-    groups = _class_dirs(source.files())
+    files = source.files()
+    from melanoma.data.metadata import discover_metadata, find_metadata_csv
+
+    csv = find_metadata_csv(source, files)
+    if csv is not None:
+        return discover_metadata(source, files, csv, label_map, split="train" if require_train else "eval")
+    groups = _class_dirs(files)
     root = _find_train_root(groups)
     records: list[ImageRecord] = []
     if root is not None:

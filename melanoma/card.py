@@ -1,0 +1,209 @@
+"""The model card: what a trained model is, what it was trained on, how well it does where, and
+what it must not be used for. Markdown (and HTML) written from a run's logged record, so it can be
+written again at any time (``melanoma card``), with the run's external evaluations included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import markdown
+import mlflow
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "model_card.md"
+INTERVAL_METRICS = ("auc", "sensitivity", "specificity", "balanced_accuracy")
+FIELD_METRICS = ("pauc_above_80_sensitivity", "average_precision", "specificity_at_90_sensitivity",
+                 "specificity_at_95_sensitivity")
+
+
+def set_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def evaluated_sets(metrics: dict[str, float], evaluations: list) -> dict[str, dict[str, float]]:
+    """Every set the run (or a later ``melanoma evaluate``) reported at the operating threshold."""
+    sets = {"validation": set_metrics(metrics, "val_op_")}
+    if any(k.startswith("test_op_") for k in metrics):
+        sets["test"] = set_metrics(metrics, "test_op_")
+    for name in sorted({m.group(1) for k in metrics if (m := re.match(r"external_(.+)_count$", k))}):
+        sets[f"external: {name}"] = set_metrics(metrics, f"external_{name}_")
+    for run in evaluations:
+        name = run.data.params.get("name", run.info.run_name)
+        sets[f"evaluated: {name}"] = set_metrics(run.data.metrics, f"{name}_")
+    return sets
+
+
+def with_interval(values: dict[str, float], name: str) -> str:
+    if name not in values:
+        return "-"
+    text = f"{values[name]:.3f}"
+    if f"{name}_ci_low" in values:
+        text += f" ({values[f'{name}_ci_low']:.3f}-{values[f'{name}_ci_high']:.3f})"
+    return text
+
+
+def in_words(sets: dict[str, dict[str, float]], target: float) -> list[str]:
+    """The operating point as a reader would say it, per set."""
+    lines = []
+    for name, values in sets.items():
+        parts = []
+        if "sensitivity" in values:
+            parts.append(f"finds {round(100 * values['sensitivity'])} of 100 melanomas")
+        if "specificity" in values:
+            parts.append(f"calls {round(100 * (1 - values['specificity']))} of 100 benign lesions malignant")
+        if parts:
+            lines.append(f"- On **{name}** ({int(values.get('count', 0))} images) it " + ", and ".join(parts) + ".")
+    return [f"The threshold was chosen on validation to find {round(100 * target)} % of the melanomas.", "", *lines]
+
+
+def card_markdown(run, evaluations: list) -> str:
+    """The card of a training run (an ``mlflow.entities.Run``) and its later evaluation runs."""
+    p, m, tags = run.data.params, run.data.metrics, run.data.tags
+    sets = evaluated_sets(m, evaluations)
+    target = float(p.get("target_sensitivity", 0.9))
+    synthetic = tags.get("synthetic_data") == "true"
+    lines = [
+        f"# Model card: melanoma classifier `{p.get('model')}` (run `{run.info.run_id}`)",
+        "",
+        "**Research software, not a medical device.** It has not been cleared or approved by any regulator, "
+        "must not be used to diagnose, treat or triage patients, and must not replace a clinician's examination "
+        "or a biopsy.",
+        "",
+        "## Intended use",
+        "Research on benign vs malignant classification of dermoscopy photographs of single skin lesions: "
+        "comparing training recipes, studying shortcut learning and generalisation to other collections. "
+        "Input: one dermoscopic photograph (JPEG/PNG) of one lesion. Output: a calibrated malignant probability "
+        "and a label at the operating threshold below.",
+        "",
+        "## Data",
+        f"- Dataset: `{p.get('data_location', p.get('data'))}`" + (" (**synthetic demo data**)" if synthetic else ""),
+        f"- Content digest `{p.get('data_digest', '?')}`; {p.get('data_skipped_files', 0)} unreadable files skipped.",
+        "",
+        "| split | benign | malignant | total |",
+        "|---|---|---|---|",
+        *[f"| {split} | {p.get(f'data_{split}_benign', 0)} | {p.get(f'data_{split}_malignant', 0)} | "
+          f"{p.get(f'data_{split}_count', 0)} |" for split in ("train", "val", "test")],
+        "",
+        f"- Audit: {tags.get('audit_verdict', 'not run')}.",
+        f"- Duplicates: {int(m.get('audit_exact_duplicate_pairs', 0))} exact and "
+        f"{int(m.get('audit_near_duplicate_pairs', 0))} near-duplicate pairs; exact duplicates are kept on one "
+        "side of the split and resampled together for the intervals.",
+        "",
+        "## Preprocessing",
+        f"{p.get('img_size')} px square, {'RGB' if p.get('channels') == '3' else 'grayscale'}, lesion crop "
+        f"{p.get('crop_lesion')}, colour constancy {p.get('color_constancy')}, corner mask {p.get('mask_corners')}; "
+        "the same function in training and serving.",
+        "",
+        "## Model and recipe",
+        f"`{p.get('model')}` ({p.get('parameters', '?')} parameters), pretrained `{p.get('pretrained')}`; "
+        f"{p.get('optimizer')} lr {p.get('lr')} (backbone x{p.get('backbone_lr_factor')}), weight decay "
+        f"{p.get('weight_decay')}, warm-up {p.get('warmup_epochs')} epochs, frozen backbone "
+        f"{p.get('freeze_epochs')} epochs, label smoothing {p.get('label_smoothing')}, EMA {p.get('ema')}, "
+        f"WiSE-FT alpha {p.get('wise_alpha')}, augmentation `{p.get('augment')}`, batch {p.get('batch_size')}, "
+        f"{int(m.get('epochs_run', 0))} epochs run (best {int(m.get('best_epoch', 0))}, by validation AUC).",
+        "",
+        "## Operating point",
+        f"Threshold {m.get('threshold', float('nan')):.3f} on the calibrated probability.",
+        "",
+        *in_words(sets, target),
+        "",
+        "## Performance (95 % bootstrap intervals)",
+        "",
+        "| set | images | AUC | sensitivity | specificity | balanced accuracy |",
+        "|---|---|---|---|---|---|",
+        *[f"| {name} | {int(v.get('count', 0))} | " + " | ".join(with_interval(v, k) for k in INTERVAL_METRICS) + " |"
+          for name, v in sets.items()],
+        "",
+        "| set | pAUC above 80 % sensitivity (0-0.2) | average precision | specificity at 90 % / 95 % sensitivity |",
+        "|---|---|---|---|",
+        *[f"| {name} | {with_interval(v, FIELD_METRICS[0])} | {with_interval(v, FIELD_METRICS[1])} | "
+          f"{with_interval(v, FIELD_METRICS[2])} / {with_interval(v, FIELD_METRICS[3])} |"
+          for name, v in sets.items() if "auc" in v],
+        "",
+        "## Calibration",
+        f"Method `{p.get('calibration', 'none')}` fitted on validation (temperature {m.get('temperature', 1.0):.3f}).",
+        "",
+        "| set | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {v['ece_uncalibrated']:.3f} | {v['ece']:.3f} | {v['brier_uncalibrated']:.3f} | "
+          f"{v['brier']:.3f} |" for name, v in sets.items() if "ece" in v],
+        "",
+        "## Explanations",
+        "Grad-CAM examples: artifacts `gradcam/`; the served model returns an overlay per image with "
+        "`\"params\": {\"explain\": true}`.",
+        "",
+        "## Known limitations",
+        *limitations(m, sets),
+        "",
+        "## CLEAR Derm checklist (the items this data can answer)",
+        "- Image type: dermoscopic photographs. Devices and acquisition protocol: not recorded.",
+        "- Skin tone (Fitzpatrick type), age, sex, body site: not recorded in this dataset; performance across "
+        "them is unknown.",
+        "- Diagnoses: two classes (benign, malignant) as labelled by the dataset; how each diagnosis was "
+        "established (histopathology, follow-up, consensus) is not recorded here.",
+        f"- Partition: a seeded, stratified {float(p.get('val_fraction', 0.15)):.0%} validation split carved out of "
+        "training, exact duplicates on one side; the test split (if any) was never used for selection.",
+        "- External evaluation: " + (", ".join(n for n in sets if n.startswith(("external", "evaluated")))
+                                     or "none in this run") + ".",
+        "- Threshold: chosen on validation before any test or external figure was seen.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def limitations(metrics: dict[str, float], sets: dict[str, dict[str, float]]) -> list[str]:
+    lines = []
+    probe = metrics.get("audit_border_probe_auc")
+    if probe is not None and probe >= 0.8:
+        lines.append(f"- The image border alone predicts the label in the training data (border-probe AUC "
+                     f"{probe:.3f}): the classes were photographed differently, and a model can learn the "
+                     "photograph instead of the lesion.")
+    val_spec = sets["validation"].get("specificity")
+    for name, values in sets.items():
+        if name.startswith(("external", "evaluated")) and "specificity" in values and val_spec is not None:
+            lines.append(f"- On {name} the specificity is {values['specificity']:.3f} against {val_spec:.3f} on "
+                         "validation: the operating point does not travel unchanged to another collection.")
+    lines.append("- Trained and evaluated on dermoscopy images only; clinical (non-dermoscopic) photos, "
+                 "non-lesion images and lesion types absent from training are out of scope.")
+    return lines
+
+
+def evaluations_of(run_id: str) -> list:
+    """The ``melanoma evaluate`` runs of this run's model, in any experiment."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.source_run_id = '{run_id}' and tags.evaluation = 'external'")
+
+
+def log_card(run_id: str) -> str:
+    """Write the run's card (Markdown and HTML) as artifacts of the run; returns the Markdown."""
+    client = MlflowClient()
+    text = card_markdown(client.get_run(run_id), evaluations_of(run_id))
+    client.log_text(run_id, text, CARD_FILE)
+    client.log_text(run_id, markdown.markdown(text, extensions=["tables"]), "model_card.html")
+    return text
+
+
+def run_id_of(run_or_model: str) -> str:
+    """The training run behind a run id, ``runs:/ID/...`` or ``models:/NAME/VERSION|@ALIAS`` URI."""
+    if run_or_model.startswith(("runs:/", "models:/")):
+        run_id = mlflow.models.get_model_info(run_or_model).run_id
+        if not run_id:
+            raise ValueError(f"{run_or_model} does not name a model logged by a run")
+        return run_id
+    return run_or_model
+
+
+def write_card(run_or_model: str) -> str:
+    """``melanoma card``: the card again, logged to its run and set as the description of every
+    registered version of that run's model."""
+    run_id = run_id_of(run_or_model)
+    text = log_card(run_id)
+    client = MlflowClient()
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        client.update_model_version(version.name, version.version, description=text)
+    return text
