@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
+from melanoma.data.layout import CLASSES, DataError
+from melanoma.data.metadata import DEFAULT_LABEL_MAP
 from melanoma.data.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,11 @@ def load_datasets(text: str, spec: PreprocessSpec, require_train: bool = True, l
         parts.append((name, data))
         hashes.append(fingerprints(location, data.paths, require_train, label_map))
     combined = concatenate([data for _, data in parts])
+    if require_train:
+        for label, name in enumerate(CLASSES):
+            if not np.any((combined.labels == label) & (combined.splits == "train")):
+                raise DataError(f"the training data ({text}) has no {name} images; with a metadata CSV, check the "
+                                f"label map {label_map or DEFAULT_LABEL_MAP!r}")
     hashes = np.concatenate(hashes)
     dataset_of = np.concatenate([np.full(len(d.labels), k) for k, (_, d) in enumerate(parts)])
     knows_lesions = [bool(np.any(d.groups != np.asarray(d.paths))) for _, d in parts]

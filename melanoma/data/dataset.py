@@ -131,7 +131,7 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
         else:
             records = discover(source, require_train=require_train, label_map=label_map)
             decoded = _decode_all(source, records, spec, workers or os.cpu_count() or 1)
-            if require_train:
+            if require_train and not records[0].group:  # the Kaggle layout; one metadata source may hold one class
                 _check_train_classes(decoded, source)
             images = decoded.pop("images")
             meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in decoded.items()}

@@ -93,10 +93,6 @@ def discover_metadata(source: Source, files: list[str], csv_rel: str, label_map:
     if unlisted:
         log.warning("%s: %d image files have no row in the metadata and are not used (e.g. %s)", where,
                     len(unlisted), ", ".join(unlisted[:3]))
-    for label, name in enumerate(CLASSES):
-        if split == "train" and not any(r.label == label for r in records):
-            raise DataError(f"{where}: no {name} images after the label map {label_map or DEFAULT_LABEL_MAP!r} "
-                            f"({len(rows)} rows, {len(missing)} without an image file, left out: {dict(left_out)})")
     if not records:
         raise DataError(f"{where}: no labelled images ({len(rows)} rows, {len(missing)} without an image file, "
                         f"left out: {dict(left_out)})")
