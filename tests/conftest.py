@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from melanoma.data.demo import make_demo_dataset
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With one pytest-xdist worker per core, each worker's torch takes one thread: more would
+    only make the workers' threads compete for the same cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def use_store(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
