@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
 from melanoma.data.preprocessing import PreprocessSpec

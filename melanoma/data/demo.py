@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from melanoma.data.dataset import cache_dir
 from melanoma.data.layout import CLASSES
 
 SKIN_TONES = np.array([[224, 186, 160], [205, 160, 130], [180, 130, 100], [235, 200, 180]], np.float32)
