@@ -14,6 +14,7 @@ import torch
 
 METHODS = ("temperature", "isotonic", "none")
 ECE_BINS = 15
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> Calibration:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return Calibration("temperature", temperature=float(log_t.exp()))
+    # Perfectly separated validation data pushes the temperature to zero (probabilities of exactly
+    # 0 and 1); the bounds keep a usable ranking of new images.
+    return Calibration("temperature", temperature=float(log_t.exp().clamp(*TEMPERATURE_BOUNDS)))
 
 
 def fit_isotonic(logits: torch.Tensor, labels: np.ndarray) -> Calibration:

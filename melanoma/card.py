@@ -24,11 +24,21 @@ def set_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
+def sources_of(metrics: dict[str, float]) -> list[str]:
+    """The data's sources, as the audit logged them (``audit_<source>_benign``)."""
+    return sorted({m.group(1) for k in metrics if (m := re.match(r"audit_(.+)_benign$", k))})
+
+
 def evaluated_sets(metrics: dict[str, float], evaluations: list) -> dict[str, dict[str, float]]:
     """Every set the run (or a later ``melanoma evaluate``) reported at the operating threshold."""
     sets = {"validation": set_metrics(metrics, "val_op_")}
+    for source in sources_of(metrics):
+        if f"val_{source}_count" in metrics:
+            sets[f"validation, {source} only"] = set_metrics(metrics, f"val_{source}_")
     if any(k.startswith("test_op_") for k in metrics):
         sets["test"] = set_metrics(metrics, "test_op_")
+    for name in sorted({m.group(1) for k in metrics if (m := re.match(r"holdout_(.+)_count$", k))}):
+        sets[f"held-out source: {name}"] = set_metrics(metrics, f"holdout_{name}_")
     for name in sorted({m.group(1) for k in metrics if (m := re.match(r"external_(.+)_count$", k))}):
         sets[f"external: {name}"] = set_metrics(metrics, f"external_{name}_")
     for run in evaluations:
@@ -88,6 +98,7 @@ def card_markdown(run, evaluations: list) -> str:
         *[f"| {split} | {p.get(f'data_{split}_benign', 0)} | {p.get(f'data_{split}_malignant', 0)} | "
           f"{p.get(f'data_{split}_count', 0)} |" for split in ("train", "val", "test")],
         "",
+        *source_rows(m),
         f"- Audit: {tags.get('audit_verdict', 'not run')}.",
         f"- Duplicates: {int(m.get('audit_exact_duplicate_pairs', 0))} exact and "
         f"{int(m.get('audit_near_duplicate_pairs', 0))} near-duplicate pairs; exact duplicates are kept on one "
@@ -99,7 +110,7 @@ def card_markdown(run, evaluations: list) -> str:
         "the same function in training and serving.",
         "",
         "## Model and recipe",
-        f"`{p.get('model')}` ({p.get('parameters', '?')} parameters), pretrained `{p.get('pretrained')}`; "
+        f"`{p.get('model')}` ({int(p.get('parameters', 0)):,} parameters), pretrained `{p.get('pretrained')}`; "
         f"{p.get('optimizer')} lr {p.get('lr')} (backbone x{p.get('backbone_lr_factor')}), weight decay "
         f"{p.get('weight_decay')}, warm-up {p.get('warmup_epochs')} epochs, frozen backbone "
         f"{p.get('freeze_epochs')} epochs, label smoothing {p.get('label_smoothing')}, EMA {p.get('ema')}, "
@@ -133,8 +144,11 @@ def card_markdown(run, evaluations: list) -> str:
           f"{v['brier']:.3f} |" for name, v in sets.items() if "ece" in v],
         "",
         "## Explanations",
-        "Grad-CAM examples: artifacts `gradcam/`; the served model returns an overlay per image with "
-        "`\"params\": {\"explain\": true}`.",
+        "Grad-CAM for the predicted class on examples of both classes (artifacts `gradcam/`); the served "
+        "model returns an overlay per image with `\"params\": {\"explain\": true}`.",
+        "",
+        *[f"![Grad-CAM, {split}](gradcam/gradcam_{split}.png)" for split in ("test", "val")
+          if f"{split}_op_count" in m or (split == "val" and "test_op_count" not in m)],
         "",
         "## Known limitations",
         *limitations(m, sets),
@@ -145,8 +159,9 @@ def card_markdown(run, evaluations: list) -> str:
         "them is unknown.",
         "- Diagnoses: two classes (benign, malignant) as labelled by the dataset; how each diagnosis was "
         "established (histopathology, follow-up, consensus) is not recorded here.",
-        f"- Partition: a seeded, stratified {float(p.get('val_fraction', 0.15)):.0%} validation split carved out of "
-        "training, exact duplicates on one side; the test split (if any) was never used for selection.",
+        f"- Partition: a seeded {float(p.get('val_fraction', 0.15)):.0%} validation split carved out of training, "
+        "stratified by source and class, a lesion's photos and copies of one photo on one side; the test split "
+        "(if any) was never used for selection.",
         "- External evaluation: " + (", ".join(n for n in sets if n.startswith(("external", "evaluated")))
                                      or "none in this run") + ".",
         "- Threshold: chosen on validation before any test or external figure was seen.",
@@ -162,14 +177,34 @@ def limitations(metrics: dict[str, float], sets: dict[str, dict[str, float]]) ->
         lines.append(f"- The image border alone predicts the label in the training data (border-probe AUC "
                      f"{probe:.3f}): the classes were photographed differently, and a model can learn the "
                      "photograph instead of the lesion.")
+    for source, row in source_counts(metrics).items():
+        if min(row.values()) == 0:
+            lines.append(f"- Every {source} image in the training data is {max(row, key=row.get)}: there the source "
+                         "predicts the label, and the model may have learned the source.")
     val_spec = sets["validation"].get("specificity")
     for name, values in sets.items():
-        if name.startswith(("external", "evaluated")) and "specificity" in values and val_spec is not None:
-            lines.append(f"- On {name} the specificity is {values['specificity']:.3f} against {val_spec:.3f} on "
-                         "validation: the operating point does not travel unchanged to another collection.")
+        if name.startswith(("external", "evaluated", "held-out")) and "specificity" in values and val_spec is not None:
+            line = f"- On {name} the specificity is {values['specificity']:.3f}, against {val_spec:.3f} on validation"
+            if values["specificity"] < val_spec - 0.05:
+                line += ": the operating point does not travel unchanged to another collection"
+            lines.append(line + ".")
     lines.append("- Trained and evaluated on dermoscopy images only; clinical (non-dermoscopic) photos, "
                  "non-lesion images and lesion types absent from training are out of scope.")
     return lines
+
+
+def source_counts(metrics: dict[str, float]) -> dict[str, dict[str, int]]:
+    return {s: {c: int(metrics.get(f"audit_{s}_{c}", 0)) for c in ("benign", "malignant")} for s in sources_of(metrics)}
+
+
+def source_rows(metrics: dict[str, float]) -> list[str]:
+    """The audit's source x class table (the confound, where a source holds one class)."""
+    counts = source_counts(metrics)
+    if not counts:
+        return []
+    return ["", "| source | benign | malignant | border probe AUC |", "|---|---|---|---|",
+            *[f"| {s} | {row['benign']} | {row['malignant']} | {metrics.get(f'audit_{s}_border_probe_auc', float('nan')):.3f} |"
+              for s, row in counts.items()], ""]
 
 
 def evaluations_of(run_id: str) -> list:
