@@ -28,28 +28,28 @@ class TrainConfig:
     external nevi, within 15 minutes of CPU training).
     """
 
-    model: str = "resnet18"  # see melanoma.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
+    model: str = "efficientnet_lite0"  # see melanoma.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
     data: str = "demo"  # datasets, comma-separated: Kaggle-layout folders or zips, metadata folders, "demo"
     label_map: str = "mel:malignant,nv:benign"  # metadata layout: diagnosis -> class; others left out
     holdout_source: str = ""  # train without this source and report on it (leave-one-source-out)
     balance: str = "class"  # class | source: each class (or each source x class cell) weighs the same
-    epochs: int = 10
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3  # the classifier head's; the backbone's is lr * backbone_lr_factor
-    img_size: int = 64
+    img_size: int = 96
     channels: int = 3  # 1 = the notebook's grayscale, 3 = RGB
     seed: int = 42
-    pretrained: str = "false"  # "true" (ImageNet weights), "false", or a weights file
-    optimizer: str = "adam"  # adamw | adam
-    weight_decay: float = 0.0  # decoupled (AdamW); norms and biases take none
-    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to zero
+    pretrained: str = "true"  # "true" (ImageNet weights; the notebook's cnn has none), "false", or a weights file
+    optimizer: str = "adamw"  # adamw | adam
+    weight_decay: float = 0.05  # decoupled (AdamW); norms and biases take none
+    warmup_epochs: float = 0.3  # linear warm-up, then cosine decay to zero
     backbone_lr_factor: float = 1.0  # the backbone learns at lr * this (below 1 for pretrained weights)
     freeze_epochs: int = 0  # train only the classifier head for this many epochs first
     label_smoothing: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate (timm models)
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     wise_alpha: float = 1.0  # < 1: mix the pretrained backbone back in at the end (WiSE-FT)
-    patience: int = 4  # early stopping: epochs without val_auc improvement
+    patience: int = 3  # early stopping: epochs without val_auc improvement
     val_fraction: float = 0.15
     augment: str = "flip"  # none | flip | style (flips + colour statistics of another image) | full
     color_constancy: bool = False  # Shades of Gray white balance in preprocessing
@@ -66,8 +66,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first setting that makes no sense."""
         arch = architecture(self.model)
-        if arch.library == "melanoma" and self.pretrained.lower() != "false":
-            raise ValueError(f"no pretrained weights exist for {self.model}; use pretrained=false")
         if self.drop_path and arch.library != "timm":
             raise ValueError(f"drop_path is for timm models; {self.model} has no stochastic depth")
         if self.balance not in BALANCES:
@@ -102,8 +100,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
-        if self.wise_alpha < 1 and self.pretrained.lower() == "false":
-            raise ValueError("wise_alpha < 1 mixes pretrained weights back in: it needs pretrained weights")
+        if self.wise_alpha < 1 and (self.pretrained.lower() == "false" or arch.library == "melanoma"):
+            raise ValueError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_sensitivity < 1:

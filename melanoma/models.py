@@ -59,16 +59,25 @@ def build_model(name: str, channels: int = 3, pretrained: str = "false", drop_pa
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if arch.library == "melanoma":
-        if pretrained.lower() != "false":
-            raise ValueError(f"no pretrained weights exist for {name}; use pretrained=false")
-        return NotebookCNN(channels)
+        model = NotebookCNN(channels)
+        if pretrained.lower() == "true":  # the default: ImageNet weights where a model has them
+            log.warning("%s has no ImageNet weights: training from scratch", name)
+        elif pretrained.lower() != "false":
+            load_pretrained(model, _weights_file(pretrained), head="classifier")
+        return model
     if arch.library == "timm":
         model = _timm_model(arch, channels, pretrained, drop_path)
     else:
         model = _torchvision_model(arch, channels, pretrained)
-    if pretrained.lower() != "false":
+    if has_pretrained_weights(name, pretrained):
         _init_new_head(classifier_head(model))
     return model
+
+
+def has_pretrained_weights(name: str, pretrained: str) -> bool:
+    """Whether ``pretrained`` gives model ``name`` weights (``true`` gives the notebook CNN none)."""
+    return pretrained.lower() != "false" and not (architecture(name).library == "melanoma"
+                                                  and pretrained.lower() == "true")
 
 
 def _init_new_head(head: nn.Module) -> None:

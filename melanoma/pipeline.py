@@ -30,7 +30,7 @@ from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, r
 from melanoma.gradcam import GradCAM
 from melanoma.inference import predict_logits, select_device, to_model_input
 from melanoma.intervals import bootstrap_intervals, interval_metrics
-from melanoma.models import build_model, gradcam_layer
+from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.train import EpochCallback, fit_data, load_data
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
 
     model = build_model(cfg.model, cfg.channels, cfg.pretrained, cfg.drop_path)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
+    mlflow.set_tag("pretrained_weights", str(has_pretrained_weights(cfg.model, cfg.pretrained)).lower())
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.epoch_logger(epoch, metrics)

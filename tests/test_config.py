@@ -36,8 +36,7 @@ def test_mlproject_search_takes_the_settings_and_search_parameters():
 
 @pytest.mark.parametrize("field, value, message", [
     ("model", "vgg", "unknown model"),
-    ("pretrained", "true", "no pretrained weights exist for cnn"),
-    ("wise_alpha", 0.5, "needs pretrained weights"),
+    ("wise_alpha", 0.5, "needs a model with pretrained weights"),
     ("freeze_epochs", 10, "must be below epochs"),
     ("drop_path", 0.1, "drop_path is for timm models"),
     ("channels", 2, "channels must be 1"),
@@ -46,7 +45,8 @@ def test_mlproject_search_takes_the_settings_and_search_parameters():
     ("val_fraction", 1.5, "val_fraction"),
 ])
 def test_invalid_settings_are_named(field, value, message):
-    cfg = TrainConfig(**{"model": "cnn" if field == "pretrained" else TrainConfig.model, field: value})
+    model = {"wise_alpha": "cnn", "drop_path": "resnet18"}.get(field, TrainConfig.model)
+    cfg = TrainConfig(**{"model": model, field: value})
     with pytest.raises(ValueError, match=message):
         cfg.validate()
 
