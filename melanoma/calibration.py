@@ -57,7 +57,7 @@ def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> Calibration:
         optimizer.step(closure)
     # Perfectly separated validation data pushes the temperature to zero (probabilities of exactly
     # 0 and 1); the bounds keep a usable ranking of new images.
-    return Calibration("temperature", temperature=float(log_t.exp().clamp(*TEMPERATURE_BOUNDS)))
+    return Calibration("temperature", temperature=float(log_t.detach().exp().clamp(*TEMPERATURE_BOUNDS)))
 
 
 def fit_isotonic(logits: torch.Tensor, labels: np.ndarray) -> Calibration:

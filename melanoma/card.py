@@ -96,7 +96,8 @@ def card_markdown(run, evaluations: list) -> str:
         "| split | benign | malignant | total |",
         "|---|---|---|---|",
         *[f"| {split} | {p.get(f'data_{split}_benign', 0)} | {p.get(f'data_{split}_malignant', 0)} | "
-          f"{p.get(f'data_{split}_count', 0)} |" for split in ("train", "val", "test")],
+          f"{p.get(f'data_{split}_count', 0)} |" for split in ("train", "val", "test")
+          if p.get(f"data_{split}_count", "0") != "0"],
         "",
         *source_rows(m),
         f"- Audit: {tags.get('audit_verdict', 'not run')}.",

@@ -154,7 +154,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     tracking.log_metrics(classification_metrics(val_labels, val_probs), prefix="best_val_")
     sets = {"val": log_set("val", "val_op_", val_labels, val_logits, calibration, point.threshold,
                            groups[val_idx], cfg.bootstrap, cfg.seed)}
-    for source, metrics in source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold).items():
+    by_source = source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold)
+    for source, metrics in by_source.items():
         tracking.log_metrics(metrics, prefix=f"val_{source}_")
     if len(run_data.holdout_idx):
         held = run_data.holdout_idx
@@ -178,7 +179,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         external, logits = score_folder(model, folder, spec, device)
         sets[name] = log_set(name, f"external_{name}_", external.labels, logits, calibration, point.threshold,
                              external.groups, cfg.bootstrap, cfg.seed)
-    tracking.log_figure(sets_figure(sets), "evaluation/operating_point_by_set.png")
+    tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
+                        "evaluation/operating_point_by_set.png")
 
     example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
     model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes, calibration,
