@@ -44,7 +44,9 @@ def autocast(device: torch.device) -> torch.autocast:
 
 
 def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.device) -> torch.Tensor:
-    """uint8 (N, C, H, W), or floats in [0, 1] -> normalised float on ``device``, channels-last."""
+    """uint8 (N, C, H, W), or floats in [0, 1] -> normalised float on ``device``, channels-last
+    (oneDNN's fast layout: the notebook configuration trains 1.9x as fast in it; ``melanoma bench
+    --tricks``)."""
     x = normalize(batch.to(device, non_blocking=True), spec)
     return x.contiguous(memory_format=torch.channels_last)
 
