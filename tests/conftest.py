@@ -79,7 +79,7 @@ def trained_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> T
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_store(monkeypatch, root)
         experiment = mlflow.create_experiment("trained")
-        for overrides in ({"model": "cnn"}, {"model": "resnet18"}, {"model": "cnn", "seed": 7}):
+        for overrides in ({"model": "cnn"}, {"model": "resnet18", "pretrained": "false"}, {"model": "cnn", "seed": 7}):
             cfg = TrainConfig(data=str(demo_root), epochs=1, img_size=32, gradcam_images=2, batch_size=16,
                               external=str(demo_root / "test" / "benign"), **overrides)
             with mlflow.start_run(experiment_id=experiment) as run:
