@@ -152,11 +152,11 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
 
 
 def time_tricks(images: np.ndarray, labels: np.ndarray, steps: int, device: torch.device,
-                rounds: int = 3) -> dict:
-    """Each speed trick of the training path against plain PyTorch, in both configurations,
+                rounds: int = 3, configurations: dict = CONFIGURATIONS) -> dict:
+    """Each speed trick of the training path against plain PyTorch, in each configuration,
     interleaved (trick on, off, on, off, ...) so the machine's drift hits both alike."""
     results = {}
-    for config, (model_name, size, channels, batch) in CONFIGURATIONS.items():
+    for config, (model_name, size, channels, batch) in configurations.items():
         spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False)
         resized = resize_batch(images, size, channels)
         for trick in ("recycle", "channels_last"):
@@ -184,7 +184,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5, rounds: int = 5) -> float:
+def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 2, rounds: int = 5) -> float:
     """The machine's fp32 matrix-multiply rate: the best of a few rounds, as a ceiling."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(2):
@@ -302,7 +302,7 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
             pyfunc = mlflow.pyfunc.load_model(model_uri)
             one = pd.DataFrame({"image": encoded[:1]})
             batch = pd.DataFrame({"image": (encoded * 32)[:32]})
-            for _ in range(5):
+            for _ in range(min(5, requests)):
                 pyfunc.predict(one)
             latencies = []
             for i in range(requests):
@@ -311,10 +311,11 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
                 latencies.append(time.perf_counter() - start)
             results["predict_one_ms"] = 1000 * float(np.median(latencies))
             pyfunc.predict(batch)
+            rounds = max(1, requests // 20)
             start = time.perf_counter()
-            for _ in range(5):
+            for _ in range(rounds):
                 pyfunc.predict(batch)
-            results["predict_batch32_img_per_s"] = 5 * 32 / (time.perf_counter() - start)
+            results["predict_batch32_img_per_s"] = rounds * 32 / (time.perf_counter() - start)
             if serve:
                 env = {**os.environ, **SERVE_ENV, "MLFLOW_TRACKING_URI": uri}
                 with model_server(model_uri, env) as url:

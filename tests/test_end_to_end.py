@@ -118,8 +118,9 @@ def rows(*values: str) -> dict:
 
 
 def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_path):
-    base = TrainConfig(**TINY)
-    mlflow_run(tmp_path, "search", {**TINY, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    base = TrainConfig(**TINY, model="cnn")
+    mlflow_run(tmp_path, "search", {**TINY, "model": "cnn", "n_trials": 2,
+                                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("melanoma-classifier", "champion")
