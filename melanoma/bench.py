@@ -346,7 +346,8 @@ def sample_jpegs(location: Path, count: int = 32) -> list[bytes]:
 # --- the benchmark ----------------------------------------------------------------------------
 
 def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bool = True,
-                  tricks: bool = False, rounds: int = 3, requests: int = 100) -> dict:
+                  tricks: bool = False, rounds: int = 3, requests: int = 100,
+                  models: tuple[str, ...] = tuple(ARCHITECTURES)) -> dict:
     """Run every measurement, print a table, and write JSON to ``out``."""
     device = select_device()
     location = Path(data) if data else demo_dataset(TrainConfig.demo_size, 0, cache_dir())
@@ -385,7 +386,7 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
                                    "channels": DEFAULT.channels, "serve_env": SERVE_ENV}
     jpegs, serve = sample_jpegs(location), serve and shutil.which("uvicorn") is not None
     # The unprefixed figures are the default model's; every named model's are kept with its name.
-    for name in sorted(ARCHITECTURES, key=lambda m: m != DEFAULT.model):
+    for name in sorted(models, key=lambda m: m != DEFAULT.model):
         log.info("timing prediction of %s", name)
         timed = time_prediction(jpegs, dataclasses.replace(DEFAULT, model=name), serve, requests)
         results.update({f"{name}_{key}": value for key, value in timed.items()})

@@ -24,7 +24,7 @@ from melanoma.bench import model_server, ping
 from melanoma.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(epochs=2, img_size=32, demo_size=16, gradcam_images=4, batch_size=16)
+TINY = dict(model="cnn", epochs=2, img_size=32, demo_size=16, gradcam_images=4, batch_size=16, bootstrap=100)
 pytestmark = pytest.mark.e2e
 
 
@@ -43,8 +43,8 @@ def mlflow_run(tmp_path: Path, entry_point: str, params: dict) -> None:
 
 
 def test_mlflow_run_trains_and_logs_everything(tmp_path):
-    model = "cnn"
-    mlflow_run(tmp_path, "main", {"model": model, **TINY})
+    model = TINY["model"]
+    mlflow_run(tmp_path, "main", TINY)
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert run.info.status == "FINISHED"
@@ -118,9 +118,9 @@ def rows(*values: str) -> dict:
 
 
 def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_images(tmp_path):
-    base = TrainConfig(**TINY, model="cnn")
-    mlflow_run(tmp_path, "search", {**TINY, "model": "cnn", "n_trials": 2,
-                                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    base = TrainConfig(**TINY)
+    search_params = {k: v for k, v in TINY.items() if k != "bootstrap"}  # not a search parameter
+    mlflow_run(tmp_path, "search", {**search_params, "n_trials": 2, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("melanoma-classifier", "champion")

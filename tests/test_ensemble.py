@@ -10,7 +10,7 @@ from experiments import ensemble
 
 def test_one_run_reproduces_its_own_threshold_and_external_figure(trained_runs, demo_root, tmp_path, monkeypatch):
     trained_runs.activate(monkeypatch)
-    first, second = trained_runs.cnn, trained_runs.resnet
+    first, second = trained_runs.cnn, trained_runs.second
     out = tmp_path / "ensemble.json"
     rows = ensemble.main([first, second, "--external", str(demo_root / "test" / "benign"), "--out", str(out)])
     assert json.loads(out.read_text()) == rows

@@ -153,7 +153,7 @@ def test_registering_and_evaluating_update_the_card(trained_runs, demo_root, mon
     trained_runs.activate(monkeypatch)
     from melanoma.tracking import register_run_model
 
-    version = register_run_model(trained_runs.resnet, "card-test", alias=None)
+    version = register_run_model(trained_runs.second, "card-test", alias=None)
     client = MlflowClient()
     assert client.get_model_version("card-test", version.version).description.startswith("# Model card")
     assert main(["evaluate", "--model", f"models:/card-test/{version.version}", "--data",
