@@ -164,14 +164,13 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
             predict_logits(model, data.images[held], spec, device), calibration, point.threshold, groups[held],
             cfg.bootstrap, cfg.seed)
 
-    report_split, report_idx = ("test", test_idx) if len(test_idx) else ("val", val_idx)
-    if report_split == "test":
+    report_split, report_idx, report_probs = "val", val_idx, val_probs
+    if len(test_idx):
         test_labels, test_logits = data.labels[test_idx], predict_logits(model, data.images[test_idx], spec, device)
-        tracking.log_metrics(classification_metrics(test_labels, calibration.probabilities(test_logits)),
-                             prefix="test_")
+        report_split, report_idx, report_probs = "test", test_idx, calibration.probabilities(test_logits)
+        tracking.log_metrics(classification_metrics(test_labels, report_probs), prefix="test_")
         sets["test"] = log_set("test", "test_op_", test_labels, test_logits, calibration, point.threshold,
                                groups[test_idx], cfg.bootstrap, cfg.seed)
-    report_probs = calibration.probabilities(predict_logits(model, data.images[report_idx], spec, device))
     log_report_figures(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
                        point.threshold, cfg, spec, device)
 
