@@ -12,7 +12,6 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 from melanoma.calibration import reliability_curve  # noqa: E402
 from melanoma.data.layout import CLASSES  # noqa: E402
 from melanoma.evaluate import classification_metrics  # noqa: E402
-from melanoma.gradcam import overlay  # noqa: E402
 
 
 def confusion_figure(labels: np.ndarray, probs: np.ndarray, threshold: float, title: str) -> plt.Figure:
@@ -118,23 +117,19 @@ def history_figure(history: list[dict[str, float]]) -> plt.Figure:
     return fig
 
 
-def gradcam_panel(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                  class_names: tuple[str, ...]) -> plt.Figure:
-    """A figure with two rows per group of images: originals above, Grad-CAM overlays below,
-    each titled with the true label and the predicted malignant probability."""
-    n = len(images)
-    cols = min(n, 8)
-    groups = (n + cols - 1) // cols
-    fig, axes = plt.subplots(2 * groups, cols, figsize=(1.9 * cols, 4.1 * groups), squeeze=False)
+def gradcam_panel(panels: list[np.ndarray], labels: np.ndarray, probs: np.ndarray, threshold: float) -> plt.Figure:
+    """Grad-CAM examples, two per row: each the photo beside its overlay, titled with the true
+    label, the malignant probability and the decision at the operating threshold."""
+    cols, rows = 2, (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(9.4, 2.75 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for i in range(n):
-        rgb = images[i].transpose(1, 2, 0)
-        rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
-        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        top.imshow(rgb)
-        top.set_title(f"true {class_names[labels[i]]}\np(malignant) {probs[i]:.2f}", fontsize=8)
-        bottom.imshow(overlay(np.ascontiguousarray(rgb), maps[i]))
-    fig.suptitle("Grad-CAM for the predicted class (top: input, bottom: overlay)", fontsize=9)
+    for ax, panel, label, prob in zip(axes.ravel(), panels, labels, probs):
+        decision = CLASSES[int(prob >= threshold)]
+        verdict = "right" if decision == CLASSES[label] else "WRONG"
+        ax.imshow(panel)
+        ax.set_title(f"true {CLASSES[label]} | p(malignant) {prob:.2f} | called {decision} ({verdict})", fontsize=9)
+    fig.suptitle(f"Grad-CAM for the predicted class on the photo (box: what the model saw); "
+                 f"operating threshold {threshold:.3f}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017), batched, and heat-map overlays."""
+"""Grad-CAM (Selvaraju et al. 2017), batched, and heat-map overlays on the model input or the photo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from melanoma.data.preprocessing import Region
+
+BOX_COLOUR = (255, 255, 255)
 
 
 class GradCAM:
@@ -76,3 +80,30 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
+
+
+def fit_longest_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` shrunk so its longest side is at most ``max_side`` (never enlarged)."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return image
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def overlay_on_photo(photo: np.ndarray, cam: np.ndarray, region: Region, max_side: int = 1024) -> np.ndarray:
+    """The heat map over the original photo (longest side capped at ``max_side``): stretched
+    over ``region``, the part the model saw, which is outlined; the rest of the photo is left
+    as it was. A reader sees where on their own photo the evidence lies."""
+    shown = fit_longest_side(photo, max_side).copy()
+    x0, y0, x1, y1 = region.pixels(shown.shape)
+    shown[y0:y1, x0:x1] = overlay(np.ascontiguousarray(shown[y0:y1, x0:x1]), cam)
+    thickness = max(1, round(max(shown.shape[:2]) / 300))
+    cv2.rectangle(shown, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOUR, thickness)
+    return shown
+
+
+def side_by_side(photo: np.ndarray, explained: np.ndarray) -> np.ndarray:
+    """Original | overlay, the original resized to the overlay's size."""
+    photo = cv2.resize(photo, (explained.shape[1], explained.shape[0]), interpolation=cv2.INTER_AREA)
+    return np.hstack([photo, explained])

@@ -4,7 +4,10 @@ An MLflow pyfunc. Clients send a DataFrame column ``image`` of base64-encoded im
 (JPEG, PNG, BMP, ...; any size; grayscale, RGB or RGBA) and get one row per image with
 ``malignant_probability`` (calibrated on validation), ``benign_probability`` and ``label`` (at
 the operating threshold stored with the model). With the predict param ``explain=true`` each row also carries
-``gradcam_png``, a base64 PNG of the Grad-CAM overlay.
+``gradcam_png``, the Grad-CAM heat map over the sender's photo at its own size (longest side at
+most 1024 px) with the part the model saw outlined, and ``gradcam_crop_png``, the heat map over
+the model's own input. Images with a side under the model's input size, and requests of more
+than ``MAX_ROWS`` rows (``MAX_EXPLAIN_ROWS`` with explanations), are refused with HTTP 400.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from melanoma.calibration import Calibration
 from melanoma.data.layout import CLASSES
-from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, load_for_model
-from melanoma.gradcam import GradCAM, overlay
+from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, Region, decode_for_model, decode_image,
+                                         model_region, preprocess)
+from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
 from melanoma.inference import predict_proba, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer
 
 SETTINGS_FILE = "settings.json"
 WEIGHTS_FILE = "weights.pt"
 IMAGE_COLUMN = "image"
+# Bounds on one request, so it answers within the scoring server's timeout (a client with more
+# images sends several requests; batch scoring goes through `melanoma predict` or Spark).
+MAX_ROWS = 500
+MAX_EXPLAIN_ROWS = 50
+OVERLAY_MAX_SIDE = 1024
 
 
 class BadInputError(ValueError):
@@ -45,6 +54,8 @@ def decode_base64_column(frame: pd.DataFrame) -> list[bytes]:
         raise BadInputError(f"input needs a column {IMAGE_COLUMN!r} of base64-encoded image files; got {columns}")
     if len(frame) == 0:
         raise BadInputError(f"the {IMAGE_COLUMN!r} column is empty: send at least one image")
+    if len(frame) > MAX_ROWS:
+        raise BadInputError(f"{len(frame):,} rows in one request; send at most {MAX_ROWS} per request")
     out, problems = [], []
     for row, value in enumerate(frame[IMAGE_COLUMN].tolist()):
         if isinstance(value, (bytes, bytearray)):
@@ -97,22 +108,29 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.gradcam_layer = gradcam_layer(self.model, self.spec.img_size, self.spec.channels)
 
-    def preprocess_rows(self, files: list[bytes]) -> np.ndarray:
-        """Decode and preprocess every row; all undecodable rows are named in one error."""
-        arrays, problems = [], []
+    def preprocess_rows(self, files: list[bytes]) -> tuple[np.ndarray, list[Region]]:
+        """Model inputs and the region of each photo they show; all undecodable rows are
+        named in one error."""
+        arrays, regions, problems = [], [], []
         for row, data in enumerate(files):
             try:
-                arrays.append(load_for_model(data, self.spec))
+                image = decode_for_model(data, self.spec, refuse_small=True)
             except InvalidImageError as exc:
                 problems.append(f"row {row}: {exc}")
+                continue
+            regions.append(model_region(image, self.spec))
+            arrays.append(preprocess(image, self.spec, regions[-1]))
         if problems:
             raise BadInputError("; ".join(problems))
-        return np.stack(arrays)
+        return np.stack(arrays), regions
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         try:
-            images = self.preprocess_rows(decode_base64_column(model_input))
             explain = explain_flag(params)
+            files = decode_base64_column(model_input)
+            if explain and len(files) > MAX_EXPLAIN_ROWS:
+                raise BadInputError(f"{len(files)} rows with explain=true; send at most {MAX_EXPLAIN_ROWS} per request")
+            images, regions = self.preprocess_rows(files)
         except BadInputError as exc:
             # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 with this message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
@@ -123,12 +141,21 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
             "label": [CLASSES[int(p >= self.threshold)] for p in probs],
         })
         if explain:
-            result["gradcam_png"] = [encode_png_base64(o) for o in self.explain(images)]
+            maps = self.gradcam(images)
+            result["gradcam_png"] = [encode_png_base64(self.photo_overlay(data, m, region))
+                                     for data, m, region in zip(files, maps, regions)]
+            result["gradcam_crop_png"] = [encode_png_base64(overlay(np.ascontiguousarray(img.transpose(1, 2, 0)), m))
+                                          for img, m in zip(images, maps)]
         return result
 
-    def explain(self, images: np.ndarray) -> list[np.ndarray]:
-        """Grad-CAM overlays (RGB uint8) for each image's predicted class."""
+    @staticmethod
+    def photo_overlay(data: bytes, cam: np.ndarray, region: Region) -> np.ndarray:
+        """The heat map over the photo as sent, at its own size (longest side capped)."""
+        photo = decode_image(data, reduce_to=OVERLAY_MAX_SIDE)
+        return overlay_on_photo(photo, cam, region, OVERLAY_MAX_SIDE)
+
+    def gradcam(self, images: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps (N, H, W) in [0, 1] for each image's predicted class."""
         x = to_model_input(torch.from_numpy(images), self.spec, self.device)
         with GradCAM(self.model, self.gradcam_layer) as cam:
-            maps = cam(x).cpu().numpy()
-        return [overlay(np.ascontiguousarray(img.transpose(1, 2, 0)), m) for img, m in zip(images, maps)]
+            return cam(x).cpu().numpy()

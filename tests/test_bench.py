@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from melanoma.bench import time_tricks, run_benchmark
+from melanoma.data.demo import make_demo_dataset
 
 REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", "train_img_per_s_notebook",
             "train_img_per_s_default", "train_speedup_vs_notebook", "gemm_gflops", "gemm_fraction_notebook",
@@ -13,9 +14,11 @@ REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", 
             "efficientnet_lite0_predict_one_ms", "cnn_predict_one_ms"]
 
 
-def test_bench_measures_every_stage_and_writes_json(demo_root, tmp_path):
+def test_bench_measures_every_stage_and_writes_json(tmp_path):
+    # Photos at least as large as the default model's input (the served model refuses smaller).
+    data = make_demo_dataset(tmp_path / "melanoma_cancer_dataset", per_class=8, seed=1, size=128)
     out = tmp_path / "bench.json"
-    results = run_benchmark(str(demo_root), out, steps=1, serve=False, requests=3,
+    results = run_benchmark(str(data), out, steps=1, serve=False, requests=3,
                             models=("efficientnet_lite0", "cnn"))
     saved = json.loads(out.read_text())
     for key in REQUIRED:

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma.gradcam import GradCAM, overlay
+from melanoma.data.preprocessing import Region
+from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
 from melanoma.models import build_model, gradcam_layer
 
 
@@ -61,3 +62,17 @@ def test_overlay_keeps_the_image_shape():
     out = overlay(image, np.random.rand(10, 10))
     assert out.shape == (40, 30, 3) and out.dtype == np.uint8
     assert overlay(np.zeros((40, 30, 1), np.uint8), np.random.rand(5, 5)).shape == (40, 30, 3)
+
+
+def test_the_photo_overlay_puts_the_heat_where_the_model_looked_on_the_photo():
+    photo = np.full((600, 800, 3), 128, np.uint8)
+    cam = np.zeros((32, 32))
+    cam[4:8, 24:28] = 1.0  # hot in the upper right of the model's input
+    region = Region(0.25, 0.5, 0.75, 1.0)  # the model saw the lower middle of the photo
+    shown = overlay_on_photo(photo, cam, region).astype(int)
+    redness = shown[..., 0] - shown[..., 2]
+    ys, xs = np.nonzero(redness > redness.max() / 2)
+    # crop pixels x 24-27, y 4-7 of 32 -> photo x 200 + 26/32 * 400 = 525, y 300 + 6/32 * 300 = 356
+    assert abs(xs.mean() - 525) < 10 and abs(ys.mean() - 356) < 10
+    assert (shown[:290] == 128).all()  # above the region: the photo as it was
+    assert overlay_on_photo(np.zeros((3000, 2000, 3), np.uint8), cam, region).shape == (1024, 683, 3)

@@ -44,7 +44,7 @@ def encoded(ext: str, shape=(50, 70, 3)) -> bytes:
 
 def test_predicts_one_row_per_image_for_every_format(classifier):
     files = [encoded(".jpg"), encoded(".png"), encoded(".bmp"), encoded(".png", (40, 40)),
-             encoded(".png", (30, 60, 4)), encoded(".jpg", (900, 1200, 3))]
+             encoded(".png", (40, 60, 4)), encoded(".jpg", (900, 1200, 3))]
     out = classifier.predict(None, pd.DataFrame({"image": [b64(f) for f in files]}))
     assert list(out.columns) == ["malignant_probability", "benign_probability", "label"]
     assert len(out) == len(files)
@@ -68,6 +68,10 @@ def test_the_stored_threshold_decides_the_label(classifier):
     (pd.DataFrame({"image": [b64(encoded(".jpg")), "%%%not base64%%%"]}), "row 1: not valid base64"),
     (pd.DataFrame({"image": [b64(b"plain text, no picture")]}), "row 0: not a recognised image"),
     (pd.DataFrame({"image": [""]}), "row 0: empty"),
+    (pd.DataFrame({"image": [b64(encoded(".jpg")), b64(encoded(".png", (1, 1)))]}),
+     r"row 1: image is 1x1 pixels; the model needs at least 32x32"),
+    (pd.DataFrame({"image": [b64(encoded(".png", (31, 400)))]}), r"row 0: image is 400x31 pixels"),
+    (pd.DataFrame({"image": ["x"] * 501}), "501 rows in one request; send at most 500"),
 ])
 def test_bad_input_names_the_row_and_the_problem(classifier, frame, message):
     with pytest.raises(MlflowException, match=message) as info:
@@ -82,13 +86,48 @@ def test_a_decompression_bomb_is_refused(classifier):
         classifier.predict(None, pd.DataFrame({"image": [b64(png_claiming_size(80_000, 80_000))]}))
 
 
-def test_explain_returns_a_decodable_gradcam_png_per_row(classifier):
-    frame = pd.DataFrame({"image": [b64(encoded(".jpg")), b64(encoded(".png"))]})
+def decode_png(value: str) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(base64.b64decode(value), np.uint8), cv2.IMREAD_COLOR),
+                        cv2.COLOR_BGR2RGB)
+
+
+def test_explain_lays_the_heat_map_over_the_photo_at_its_own_size(classifier):
+    shapes = [(600, 800, 3), (300, 300, 3), (1500, 2000, 3)]  # 4:3, square, and one over the 1024 px cap
+    frame = pd.DataFrame({"image": [b64(encoded(".jpg", shape)) for shape in shapes]})
     out = classifier.predict(None, frame, params={"explain": True})
-    for value in out.gradcam_png:
-        png = cv2.imdecode(np.frombuffer(base64.b64decode(value), np.uint8), cv2.IMREAD_COLOR)
-        assert png.shape == (32, 32, 3)
+    photo_sizes = [decode_png(value).shape for value in out.gradcam_png]
+    assert photo_sizes == [(600, 800, 3), (300, 300, 3), (768, 1024, 3)]
+    assert all(decode_png(value).shape == (32, 32, 3) for value in out.gradcam_crop_png)
     assert "gradcam_png" not in classifier.predict(None, frame, params={"explain": "false"}).columns
+
+
+def lesion_photo(centre: tuple[int, int], shape=(480, 640)) -> np.ndarray:
+    """Even skin with one dark round lesion at ``centre`` (x, y)."""
+    photo = np.full((*shape, 3), (205, 160, 140), np.uint8)
+    cv2.circle(photo, centre, 45, (70, 45, 40), thickness=-1)
+    return photo
+
+
+def test_the_explained_photo_outlines_the_lesion_crop_and_leaves_the_rest_alone(tmp_path):
+    weights, settings = tmp_path / "weights.pt", tmp_path / "settings.json"
+    torch.save(build_model("cnn", 3).state_dict(), weights)
+    settings.write_text(json.dumps({"model": "cnn", "threshold": 0.5, "preprocess": {
+        "img_size": 48, "channels": 3, "crop_lesion": True, "color_constancy": False}}))
+    classifier = MelanomaClassifier()
+    classifier.load(weights, settings)
+    photo = lesion_photo(centre=(470, 150))  # upper right of a 640x480 photo
+    png = cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))[1].tobytes()
+    shown = decode_png(classifier.predict(None, pd.DataFrame({"image": [b64(png)]}),
+                                          params={"explain": True}).gradcam_png[0])
+    changed = np.any(shown != photo, axis=2)
+    ys, xs = np.nonzero(changed)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    from melanoma.data.preprocessing import lesion_box
+    bx, by, bw, bh = lesion_box(photo)
+    assert (abs(x0 - bx), abs(y0 - by), abs(x1 - bx - bw), abs(y1 - by - bh)) <= (2, 2, 2, 2)  # the outline's width
+    assert x0 < 470 < x1 and y0 < 150 < y1  # the box holds the lesion
+    assert changed[y0:y1, x0:x1].mean() > 0.9  # heat everywhere inside the box, nowhere outside
+    assert (shown[y0 + 2:y1 - 2, x0 + 2:x1 - 2] == photo[y0 + 2:y1 - 2, x0 + 2:x1 - 2]).all(axis=2).mean() < 0.1
 
 
 @pytest.mark.parametrize("name", [*ARCHITECTURES, "timm:mobilenetv3_small_050"])
@@ -102,8 +141,8 @@ def test_every_model_is_served_with_probabilities_and_gradcam(name, tmp_path):
     out = classifier.predict(None, pd.DataFrame({"image": [b64(encoded(".jpg", (150, 200, 3)))]}),
                              params={"explain": True})
     assert 0 <= out.malignant_probability[0] <= 1 and out.label[0] in ("benign", "malignant")
-    png = cv2.imdecode(np.frombuffer(base64.b64decode(out.gradcam_png[0]), np.uint8), cv2.IMREAD_COLOR)
-    assert png.shape == (64, 64, 3)
+    assert decode_png(out.gradcam_png[0]).shape == (150, 200, 3)
+    assert decode_png(out.gradcam_crop_png[0]).shape == (64, 64, 3)
 
 
 def test_the_logged_code_is_the_serving_path_and_imports_nothing_else(tmp_path):

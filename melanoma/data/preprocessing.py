@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -27,6 +28,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class InvalidImageError(ValueError):
     """The bytes are not an image we can use."""
+
+
+class Region(NamedTuple):
+    """A rectangle as fractions of an image's width and height: (x0, y0) top left, (x1, y1)
+    bottom right. Fractions, so one region serves an image decoded at any scale."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def pixels(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in pixels of an image of ``shape`` (H, W, ...), at least 1 px."""
+        h, w = shape[:2]
+        x0, y0 = min(round(self.x0 * w), w - 1), min(round(self.y0 * h), h - 1)
+        return x0, y0, max(x0 + 1, round(self.x1 * w)), max(y0 + 1, round(self.y1 * h))
 
 
 @dataclass(frozen=True)
@@ -72,13 +89,13 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
         raise InvalidImageError("not a recognised image file (JPEG, PNG, BMP, ...)") from exc
 
 
-def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, reduce_to: int | None = None, smallest: int = 1) -> np.ndarray:
     """Decode image file bytes to an RGB uint8 array (H, W, 3).
 
-    Grayscale and RGBA inputs become RGB. Images over ``MAX_PIXELS`` are refused from their
-    header. With ``min_side``, JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result still
-    has at least ``min_side`` pixels per side (DCT scaling: much faster, same quality after the
-    later downsizing).
+    Grayscale and RGBA inputs become RGB. Images over ``MAX_PIXELS``, or with a side under
+    ``smallest`` pixels, are refused from their header. With ``reduce_to``, JPEGs are decoded at
+    1/2, 1/4 or 1/8 scale when the result still has at least ``reduce_to`` pixels per side (DCT
+    scaling: much faster, same quality after the later downsizing).
     """
     if not data:
         raise InvalidImageError("empty image data")
@@ -88,11 +105,14 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
             f"{MAX_PIXELS:,}; refused without decoding"
         )
+    if min(width, height) < smallest:
+        raise InvalidImageError(f"image is {width}x{height} pixels; the model needs at least "
+                                f"{smallest}x{smallest} (a photo of the lesion, not a thumbnail)")
     flag = cv2.IMREAD_COLOR
-    if min_side:
+    if reduce_to:
         for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                                 (2, cv2.IMREAD_REDUCED_COLOR_2)):
-            if min(width, height) // factor >= min_side:
+            if min(width, height) // factor >= reduce_to:
                 flag = reduced
                 break
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -149,18 +169,23 @@ def lesion_box(image: np.ndarray, margin: float = 0.2, min_fraction: float = 1 /
     return x0, y0, cw, ch
 
 
-def crop_to_lesion(image: np.ndarray) -> np.ndarray:
-    """The image cut to ``lesion_box``: lesions fill the frame whatever the photographer's zoom."""
-    x, y, w, h = lesion_box(image)
-    return image[y:y + h, x:x + w]
+def model_region(image: np.ndarray, spec: PreprocessSpec) -> Region:
+    """The part of the image the model sees, as fractions of its width and height:
+    ``lesion_box`` with ``spec.crop_lesion``, else the whole image."""
+    if not spec.crop_lesion:
+        return Region(0.0, 0.0, 1.0, 1.0)
+    h, w = image.shape[:2]
+    x, y, bw, bh = lesion_box(image)
+    return Region(x / w, y / h, (x + bw) / w, (y + bh) / h)
 
 
-def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> uint8 (C, H, W) at ``spec.img_size`` square."""
+def preprocess(image: np.ndarray, spec: PreprocessSpec, region: Region | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (C, H, W) at ``spec.img_size`` square, from ``region``
+    (``model_region`` when not given)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidImageError(f"expected an RGB array (H, W, 3), got shape {image.shape}")
-    if spec.crop_lesion:
-        image = crop_to_lesion(image)
+    x0, y0, x1, y1 = region.pixels(image.shape) if region else model_region(image, spec).pixels(image.shape)
+    image = image[y0:y1, x0:x1]
     size = spec.img_size
     interpolation = cv2.INTER_AREA if min(image.shape[:2]) >= size else cv2.INTER_LINEAR
     resized = cv2.resize(image, (size, size), interpolation=interpolation)
@@ -173,11 +198,18 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
 
+def decode_for_model(data: bytes, spec: PreprocessSpec, refuse_small: bool = False) -> np.ndarray:
+    """Image file bytes -> RGB array, decoded at no more resolution than the model can use.
+    With ``refuse_small`` (serving), images with a side under the model's input size are refused:
+    scoring them would mean inventing detail. Training data that small is upscaled."""
+    # A lesion crop keeps at least a third of each side: decode at enough resolution for it.
+    reduce_to = 3 * spec.img_size if spec.crop_lesion else spec.img_size
+    return decode_image(data, reduce_to=reduce_to, smallest=spec.img_size if refuse_small else 1)
+
+
 def load_for_model(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Image file bytes -> uint8 (C, H, W): decoding and preprocessing in one call."""
-    # A lesion crop keeps at least a third of each side: decode at enough resolution for it.
-    min_side = 3 * spec.img_size if spec.crop_lesion else spec.img_size
-    return preprocess(decode_image(data, min_side=min_side), spec)
+    return preprocess(decode_for_model(data, spec), spec)
 
 
 def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
