@@ -18,16 +18,16 @@ import torch
 from melanoma import card, tracking
 from melanoma.audit import audit_dataset, audit_figure, public_report
 from melanoma.calibration import Calibration, brier_score, expected_calibration_error, fit_calibration
+from melanoma.checkpoint import RunCheckpoints
 from melanoma.config import TrainConfig
-from melanoma.data.dataset import PreparedData
+from melanoma.data.dataset import PreparedData, cache_dir
 from melanoma.data.layout import CLASSES, read_file
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.data.dataset import cache_dir
+from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
 from melanoma.data.demo import demo_dataset
 from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder, source_metrics
 from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
                               sets_figure)
-from melanoma.gradcam import GradCAM
+from melanoma.gradcam import GradCAM, fit_longest_side, overlay_on_photo, side_by_side
 from melanoma.inference import predict_logits, select_device, to_model_input
 from melanoma.intervals import bootstrap_intervals, interval_metrics
 from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
@@ -35,6 +35,7 @@ from melanoma.train import EpochCallback, fit_data, load_data
 
 log = logging.getLogger(__name__)
 
+PANEL_SIDE = 224  # Grad-CAM examples in a run's figures: the photo's longest side, in pixels
 AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pairs", "cross_split_duplicate_pairs",
                  "conflicting_label_pairs", "copies_across_datasets", "copies_within_datasets")
 
@@ -48,15 +49,22 @@ def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray,
     return params
 
 
-def gradcam_examples(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                     spec: PreprocessSpec, per_class: int, seed: int, device: torch.device):
-    """Grad-CAM figure for ``per_class`` random images of each class."""
+def gradcam_examples(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, probs: np.ndarray,
+                     threshold: float, spec: PreprocessSpec, per_class: int, seed: int, device: torch.device):
+    """Grad-CAM figure for ``per_class`` random images of each class among ``idx`` (``probs``
+    are theirs), each shown on its original photo at a readable size."""
     rng = np.random.default_rng(seed)
+    labels = data.labels[idx]
     chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in (0, 1)])
-    x = to_model_input(torch.from_numpy(images[chosen]), spec, device)
+    x = to_model_input(torch.from_numpy(np.asarray(data.images[idx[chosen]])), spec, device)
     with GradCAM(model, gradcam_layer(model, spec.img_size, spec.channels)) as cam:
         maps = cam(x).cpu().numpy()
-    return gradcam_panel(images[chosen], maps, labels[chosen], probs[chosen], CLASSES)
+    panels = []
+    for i, heat in zip(chosen, maps):
+        image = decode_for_model(read_file(data.locations[idx[i]], data.paths[idx[i]]), spec)
+        photo = fit_longest_side(image, PANEL_SIDE)
+        panels.append(side_by_side(photo, overlay_on_photo(photo, heat, model_region(image, spec), PANEL_SIDE)))
+    return gradcam_panel(panels, labels[chosen], probs[chosen], threshold)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,21 +104,34 @@ def log_set(name: str, prefix: str, labels: np.ndarray, logits: torch.Tensor, ca
     return metrics
 
 
-def log_report_figures(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, split: str,
+def log_report_figures(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, probs: np.ndarray, split: str,
                        threshold: float, cfg: TrainConfig, spec: PreprocessSpec, device: torch.device) -> None:
     """Confusion matrices at 0.5 and at the operating threshold, and Grad-CAM examples."""
+    labels = data.labels[idx]
     for name, t in (("0.5", 0.5), ("operating", threshold)):
         tracking.log_figure(confusion_figure(labels, probs, t, f"{split} set, {name} threshold"),
                             f"evaluation/confusion_{split}_{name}_threshold.png")
     if cfg.gradcam_images:
-        fig = gradcam_examples(model, images, labels, probs, spec, max(1, cfg.gradcam_images // 2), cfg.seed, device)
+        fig = gradcam_examples(model, data, idx, probs, threshold, spec, max(1, cfg.gradcam_images // 2), cfg.seed,
+                               device)
         tracking.log_figure(fig, f"gradcam/gradcam_{split}.png")
 
 
-def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict:
+def relog_missing_epochs(history: list[dict[str, float]]) -> None:
+    """Epoch metrics a killed run checkpointed but did not get to log (it died in between)."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "val_auc")}
+    for metrics in history:
+        if metrics["epoch"] not in logged:
+            tracking.epoch_logger(int(metrics["epoch"]), metrics)
+
+
+def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, resume: dict | None = None,
+                 checkpoints: bool = True) -> dict:
     """Train and log everything to the active MLflow run; returns the final report metrics.
 
     ``on_epoch_end`` is called after MLflow has the epoch's metrics (the search uses it to prune).
+    With ``checkpoints`` every epoch leaves a checkpoint (``melanoma.checkpoint``); ``resume``,
+    one such checkpoint of this run, continues training after its epoch.
     """
     cfg.validate()
     if cfg.num_threads:
@@ -130,6 +151,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
 
+    torch.manual_seed(cfg.seed)  # the new head's (or a scratch model's) initial weights: one seed, one run
     model = build_model(cfg.model, cfg.channels, cfg.pretrained, cfg.drop_path)
     mlflow.log_param("parameters", sum(p.numel() for p in model.parameters()))
     mlflow.set_tag("pretrained_weights", str(has_pretrained_weights(cfg.model, cfg.pretrained)).lower())
@@ -139,7 +161,11 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
 
-    result = fit_data(model, run_data, spec, cfg, device, on_epoch_end=report_epoch)
+    saver = RunCheckpoints(cfg) if checkpoints else None
+    if resume is not None:
+        relog_missing_epochs(resume["history"])
+    result = fit_data(model, run_data, spec, cfg, device, on_epoch_end=report_epoch, on_checkpoint=saver,
+                      resume=resume)
     mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                         "data_skipped_files": len(data.skipped)})
     log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
@@ -171,8 +197,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         tracking.log_metrics(classification_metrics(test_labels, report_probs), prefix="test_")
         sets["test"] = log_set("test", "test_op_", test_labels, test_logits, calibration, point.threshold,
                                groups[test_idx], cfg.bootstrap, cfg.seed)
-    log_report_figures(model, data.images[report_idx], data.labels[report_idx], report_probs, report_split,
-                       point.threshold, cfg, spec, device)
+    log_report_figures(model, data, report_idx, report_probs, report_split, point.threshold, cfg, spec, device)
 
     for name, folder in external_names(cfg.external_dirs).items():
         external, logits = score_folder(model, folder, spec, device)
@@ -186,6 +211,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
                                         {"target_sensitivity": cfg.target_sensitivity})
     mlflow.set_tag("model_uri", model_uri)
     card.log_card(mlflow.active_run().info.run_id)
+    if saver is not None:
+        saver.remove_local()
     report = sets[report_split]
     return {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
             "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}
