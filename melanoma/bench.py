@@ -257,25 +257,35 @@ def ping(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[str]:
-    """`mlflow models serve` on a free loopback port for the duration of the block; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(port),
-                               "--env-manager", "local"], env=env, start_new_session=True,
+def background_server(command: list[str], url: str, env: dict[str, str] | None = None,
+                      timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a server answering ``url``/ping) for the duration of the block."""
+    server = subprocess.Popen(command, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
         while not ping(url):
             if server.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with code {server.returncode}")
+                raise RuntimeError(f"{' '.join(command[:4])} exited with code {server.returncode}")
             if time.time() > deadline:
-                raise TimeoutError(f"mlflow models serve did not answer within {timeout:.0f} s")
+                raise TimeoutError(f"{' '.join(command[:4])} did not answer within {timeout:.0f} s")
             time.sleep(0.5)
-        yield url
+        yield server
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 180,
+                 options: tuple[str, ...] = ()) -> Iterator[str]:
+    """`mlflow models serve` (with ``options``) on a free loopback port for the duration of the
+    block; yields its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", url.rsplit(":", 1)[1],
+               "--env-manager", "local", *options]
+    with background_server(command, url, env, timeout):
+        yield url
 
 
 def post_images(url: str, encoded: list[str]) -> bytes:
