@@ -1,4 +1,4 @@
-"""The ``melanoma`` command: train, search, register, evaluate, card, audit, bench, demo-data.
+"""The ``melanoma`` command: train, search, register, evaluate, predict, app, card, audit, bench, demo-data.
 
 Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
 imported by the command that needs them, so ``melanoma --help`` starts without torch.
@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,16 +25,57 @@ def use_default_experiment(name: str) -> None:
         mlflow.set_experiment(name)
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: KILLED, checkpoint kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def label_project_stub(resumed: str) -> None:
+    """`mlflow run -P resume=ID` opens a run of its own before this code starts; training goes on
+    in ID, so that run only gets a note pointing there (`mlflow run --run-id ID -P resume=ID`
+    opens none)."""
+    import mlflow
+
+    stub = os.environ.pop("MLFLOW_RUN_ID", None)
+    if stub and stub != resumed:
+        client = mlflow.MlflowClient()
+        for key, value in {"resumed_run": resumed, "mlflow.runName": f"resume of {resumed}",
+                           "mlflow.note.content": f"This run only started the resumption of run {resumed}; "
+                                                  f"training went on there."}.items():
+            client.set_tag(stub, key, value)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import mlflow
 
+    from melanoma.checkpoint import config_of, load_run_checkpoint
     from melanoma.pipeline import run_training
 
-    cfg = config_from_args(args)
-    use_default_experiment(args.experiment)
-    with mlflow.start_run(run_name=args.run_name) as run:
-        summary = run_training(cfg)
-    print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
+    resume = load_run_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        cfg = config_of(resume)  # the run's own settings: the command line's are ignored
+        label_project_stub(args.resume)
+        run = mlflow.start_run(run_id=args.resume)
+    else:
+        cfg = config_from_args(args)
+        use_default_experiment(args.experiment)
+        run = mlflow.start_run(run_name=args.run_name)
+    run_id = run.info.run_id
+    interrupt_on_sigterm()
+    try:
+        summary = run_training(cfg, resume=resume)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        print(f"interrupted: run {run_id} is KILLED with its last checkpoint kept; continue it with "
+              f"`melanoma train --resume {run_id}`", file=sys.stderr)
+        return 130
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+    print(json.dumps({"run_id": run_id, **summary}, indent=2))
     return 0
 
 
@@ -60,6 +102,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     use_default_experiment(args.experiment)
     metrics = evaluate_model_on_folder(args.model, args.data, args.name)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from melanoma.batch import predict_files
+
+    counts = predict_files(args.model, args.paths, args.out, args.explain, args.chunk_size)
+    print(json.dumps({"out": str(args.out), **counts}, indent=2))
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from melanoma.app import serve_app
+
+    serve_app(args.model, args.host, args.port)
     return 0
 
 
@@ -108,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     train.add_argument("--run-name", default=None)
+    train.add_argument("--resume", default="", metavar="RUN_ID",
+                       help="continue this killed run from its last checkpoint, with its own settings")
     train.set_defaults(func=cmd_train)
 
     search = sub.add_parser("search", help="Optuna search over training settings, best model registered")
@@ -136,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--name", default=None, help="name of the set in metric names (default: folder name)")
     evaluate.add_argument("--experiment", default="melanoma-evaluation")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score image files, folders or CSVs of paths into a CSV")
+    predict.add_argument("paths", nargs="+", type=Path, help="image files, folders (recursive) or .csv files of paths")
+    predict.add_argument("--model", required=True, help="model URI, e.g. models:/melanoma-classifier@champion")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                         help="output CSV; rerunning skips the paths already in it")
+    predict.add_argument("--explain", type=Path, default=None, metavar="DIR",
+                         help="also write original | Grad-CAM overlay images here")
+    predict.add_argument("--chunk-size", type=int, default=32, help="images per model call")
+    predict.set_defaults(func=cmd_predict)
+
+    app = sub.add_parser("app", help="a web page to try a logged model on a photo")
+    app.add_argument("--model", required=True, help="model URI, e.g. models:/melanoma-classifier@champion")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=5002)
+    app.set_defaults(func=cmd_app)
 
     card = sub.add_parser("card", help="write a run's model card again (and its registered versions' descriptions)")
     card.add_argument("run", help="training run id, runs:/ID/model or models:/NAME@ALIAS")

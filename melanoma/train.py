@@ -35,6 +35,7 @@ from melanoma.models import classifier_head
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[dict], None]
 
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
@@ -235,11 +236,12 @@ def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainingData:
 
 
 def fit_data(model: nn.Module, data: TrainingData, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-             on_epoch_end: EpochCallback | None = None) -> FitResult:
+             on_epoch_end: EpochCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
+             resume: dict | None = None) -> FitResult:
     """``fit`` on a run's own split."""
     d, fit_idx, val_idx = data.data, data.fit_idx, data.val_idx
     return fit(model, d.images[fit_idx], d.labels[fit_idx], d.images[val_idx], d.labels[val_idx], spec, cfg, device,
-               on_epoch_end, train_sources=d.sources[fit_idx])
+               on_epoch_end, train_sources=d.sources[fit_idx], on_checkpoint=on_checkpoint, resume=resume)
 
 
 @dataclass
@@ -275,7 +277,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
 
 def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
         val_labels: np.ndarray, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-        on_epoch_end: EpochCallback | None = None, train_sources: np.ndarray | None = None) -> FitResult:
+        on_epoch_end: EpochCallback | None = None, train_sources: np.ndarray | None = None,
+        on_checkpoint: CheckpointCallback | None = None, resume: dict | None = None) -> FitResult:
     """Train with ``cfg``'s recipe, keep the weights of the epoch with the best validation AUC
     (loaded into ``model`` at the end), stop after ``patience`` epochs without improvement.
 
@@ -284,6 +287,10 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     ones validated and kept; with ``wise_alpha`` < 1
     the kept weights are mixed back towards the initial (pretrained) ones at the end.
     ``on_epoch_end(epoch, metrics)`` may raise to stop (e.g. pruning).
+
+    After each epoch ``on_checkpoint`` gets the whole training state (``training_state``);
+    ``fit(..., resume=state)`` continues from it exactly where the run left off: the same
+    seed gives the same per-epoch metrics as a run that was never stopped.
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -304,8 +311,24 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
 
     result = FitResult(best_epoch=0, best_val_auc=-math.inf)
     best_state = copy.deepcopy(evaluated.state_dict())
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if torch.cuda.is_available() and resume.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        initial = resume.get("initial", initial)
+        result = FitResult(resume["best_epoch"], resume["best_val_auc"], list(resume["history"]))
+        best_state, first_epoch = resume["best_state"], resume["epoch"] + 1
+        log.info("resuming after epoch %d of %d", resume["epoch"], cfg.epochs)
     with recycle_freed_memory():
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first_epoch, cfg.epochs + 1):
             start = time.perf_counter()
             set_backbone_trainable(model, epoch > cfg.freeze_epochs)
             current_lr = max(g["lr"] for g in optimizer.param_groups)
@@ -334,6 +357,16 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
             if metrics["val_auc"] > result.best_val_auc:
                 result.best_epoch, result.best_val_auc = epoch, metrics["val_auc"]
                 best_state = copy.deepcopy(evaluated.state_dict())
+            if on_checkpoint is not None:
+                on_checkpoint({
+                    "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "initial": initial, "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
+                    "history": result.history, "best_state": best_state,
+                })
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             if epoch - result.best_epoch >= cfg.patience:

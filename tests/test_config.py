@@ -13,8 +13,9 @@ def test_mlproject_main_parameters_match_the_settings_object():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     main = project["entry_points"]["main"]
     cfg = TrainConfig()
-    assert set(main["parameters"]) == {f.name for f in fields(TrainConfig)}
-    for name, spec in main["parameters"].items():
+    assert set(main["parameters"]) == {f.name for f in fields(TrainConfig)} | {"resume"}
+    assert "--resume {resume}" in main["command"]
+    for name, spec in {k: v for k, v in main["parameters"].items() if k != "resume"}.items():
         default = getattr(cfg, name)
         expected = str(default).lower() if isinstance(default, bool) else default
         assert spec["default"] == expected, name
