@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import NamedTuple
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,16 +277,21 @@ def background_server(command: list[str], url: str, env: dict[str, str] | None =
         server.wait(timeout=30)
 
 
+class ServedModel(NamedTuple):
+    url: str
+    pid: int  # the `mlflow models serve` process; its workers are its descendants
+
+
 @contextlib.contextmanager
 def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 180,
-                 options: tuple[str, ...] = ()) -> Iterator[str]:
+                 options: tuple[str, ...] = ()) -> Iterator[ServedModel]:
     """`mlflow models serve` (with ``options``) on a free loopback port for the duration of the
-    block; yields its URL."""
+    block."""
     url = f"http://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", url.rsplit(":", 1)[1],
                "--env-manager", "local", *options]
-    with background_server(command, url, env, timeout):
-        yield url
+    with background_server(command, url, env, timeout) as server:
+        yield ServedModel(url, server.pid)
 
 
 def post_images(url: str, encoded: list[str]) -> bytes:
@@ -328,7 +334,7 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
             results["predict_batch32_img_per_s"] = rounds * 32 / (time.perf_counter() - start)
             if serve:
                 env = {**os.environ, **SERVE_ENV, "MLFLOW_TRACKING_URI": uri}
-                with model_server(model_uri, env) as url:
+                with model_server(model_uri, env) as (url, _):
                     for _ in range(5):
                         post_images(url, encoded[:1])
                     latencies = []

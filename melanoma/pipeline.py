@@ -21,7 +21,7 @@ from melanoma.calibration import Calibration, brier_score, expected_calibration_
 from melanoma.checkpoint import RunCheckpoints
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import PreparedData, cache_dir
-from melanoma.data.layout import CLASSES, read_file
+from melanoma.data.layout import read_file
 from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
 from melanoma.data.demo import demo_dataset
 from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder, source_metrics

@@ -3,9 +3,14 @@ never in CI (``CI=true``), where `.ci/run` installs them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+SERVE = Path(__file__).resolve().parents[1] / "serve"
 
 
 def require(available: bool, what: str) -> None:
@@ -26,3 +31,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def launch_chromium(playwright):
     """Debian's Chromium driven by Playwright: nothing downloaded."""
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def serve_script(name: str) -> ModuleType:
+    """A script of serve/ (not a package: users run them as files), imported for testing."""
+    spec = importlib.util.spec_from_file_location(f"serve_{name}", SERVE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

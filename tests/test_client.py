@@ -1,20 +1,16 @@
 """serve/client.py without a server: payload shape and the errors a user sees."""
 
 import base64
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.components import serve_script
+
 
 
 @pytest.fixture(scope="module")
 def client():
-    spec = importlib.util.spec_from_file_location("serve_client", ROOT / "serve" / "client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return serve_script("client")
 
 
 def test_payload_is_a_dataframe_split_of_base64_files(client, tmp_path):

@@ -139,7 +139,7 @@ def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_
     assert all({"lr", "batch_size", "model", "img_size"} <= set(c.data.params) for c in children)
     assert all(len(client.get_metric_history(c.info.run_id, "val_auc")) == 2 for c in children)
 
-    with model_server("models:/melanoma-classifier@champion", mlflow_env(tmp_path)) as url:
+    with model_server("models:/melanoma-classifier@champion", mlflow_env(tmp_path)) as (url, _):
         image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
         jpeg = base64.b64encode(cv2.imencode(".jpg", image)[1].tobytes()).decode()
         png = base64.b64encode(cv2.imencode(".png", image)[1].tobytes()).decode()
