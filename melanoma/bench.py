@@ -249,9 +249,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ping(url: str) -> bool:
+def ping(url: str, path: str = "/ping") -> bool:
     try:
-        with urllib.request.urlopen(url + "/ping", timeout=2) as response:
+        with urllib.request.urlopen(url + path, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -259,13 +259,13 @@ def ping(url: str) -> bool:
 
 @contextlib.contextmanager
 def background_server(command: list[str], url: str, env: dict[str, str] | None = None,
-                      timeout: float = 180) -> Iterator[subprocess.Popen]:
-    """Run ``command`` (a server answering ``url``/ping) for the duration of the block."""
+                      timeout: float = 180, ready: str = "/ping") -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a server answering ``url`` + ``ready``) for the duration of the block."""
     server = subprocess.Popen(command, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
-        while not ping(url):
+        while not ping(url, ready):
             if server.poll() is not None:
                 raise RuntimeError(f"{' '.join(command[:4])} exited with code {server.returncode}")
             if time.time() > deadline:

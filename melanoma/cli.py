@@ -173,13 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(search)
     search.add_argument("--n_trials", type=int, default=20, help="trials the study should have in total")
     search.add_argument("--timeout", type=float, default=0, help="stop starting trials after this many seconds")
-    search.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
+    search.add_argument("--storage", default="sqlite:///optuna.db",
+                        help="Optuna storage URL: sqlite:///FILE (workers on one machine) or postgresql://...")
     search.add_argument("--study_name", default=None, help="empty or left out: melanoma-<model>")
     search.add_argument("--registered_model", default=REGISTERED_MODEL)
     search.add_argument("--alias", default=DEFAULT_ALIAS)
     search.add_argument("--pruner", choices=("median", "none"), default="median")
     search.add_argument("--params", default="lr,batch_size",
                         help="settings to search, comma-separated (melanoma.search.SEARCH_SPACE names them)")
+    search.add_argument("--heartbeat", type=int, default=60,
+                        help="seconds between a running trial's heartbeats; a trial silent for 3 of them is retried")
     search.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     search.set_defaults(func=cmd_search)
 

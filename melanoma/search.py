@@ -10,6 +10,11 @@ Each trial is a child run of the search run with the same params and per-epoch m
 ``storage`` (an Optuna URL, SQLite by default): run the same command again after an
 interruption and the study resumes, finishing the remaining trials. The best trial's model is
 registered and the alias moved to it.
+
+Several workers (the same command started N times, on one machine with SQLite or on several
+with PostgreSQL) share one study: together they finish exactly ``n_trials`` trials, each trial a
+child run of its own worker's search run, and whichever worker sees the study done registers
+the best model, once (``melanoma.distributed``).
 """
 
 from __future__ import annotations
@@ -17,15 +22,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
+from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask-and-tell has none
 from optuna.trial import TrialState
 
 from melanoma import tracking
+from melanoma.distributed import fail_orphaned_trials, make_storage, study_lock
 from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, TrainConfig, config_from_args
 from melanoma.pipeline import run_training
 
@@ -64,20 +74,6 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)  # steps are epochs from 1
-
-
-def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
-    """Trials left RUNNING by a crashed or killed process become FAIL (and their runs FAILED),
-    so they are not counted and their places are tried again."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    client = MlflowClient()
-    for trial in stale:
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED")
-        log.warning("trial %d was left running by an earlier process; marked failed", trial.number)
-    return len(stale)
 
 
 def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, params: list[str]):
@@ -130,57 +126,133 @@ def log_study(study: optuna.Study) -> dict:
 
 
 def parent_run_for(study: optuna.Study) -> str | None:
-    """The search run to continue: the one `mlflow run` made, else the study's previous one."""
+    """The search run to continue: the one `mlflow run` made, else the study's previous one
+    unless it is still running (then it belongs to another worker, and this one starts its own)."""
     if "MLFLOW_RUN_ID" in os.environ:
         return None
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id:
         try:
-            MlflowClient().get_run(run_id)
-            return run_id
+            return run_id if MlflowClient().get_run(run_id).info.status != "RUNNING" else None
         except mlflow.exceptions.MlflowException:
             return None
     return None
 
 
+def safe_url(url: str) -> str:
+    """A storage URL fit to log: any password masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def trial_counts(study: optuna.Study) -> Counter:
+    return Counter(t.state for t in study.get_trials(deepcopy=False))
+
+
+def finished(counts: Counter) -> int:
+    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+
+
+def claim_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, storage_url: str,
+                n_trials: int) -> optuna.Trial | bool:
+    """Under the study lock: a trial for this worker to run (a retried one first), False when the
+    study has its ``n_trials``, True when the rest are running elsewhere (wait and ask again)."""
+    with study_lock(storage_url, study.study_name):
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and queued again
+        fail_orphaned_trials(study, storage)
+        counts = trial_counts(study)
+        if finished(counts) >= n_trials:
+            return False
+        if finished(counts) + counts[TrialState.RUNNING] + counts[TrialState.WAITING] >= n_trials \
+                and not counts[TrialState.WAITING]:
+            return True
+        trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)  # beating before the lock is released
+        return trial
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> None:
+    """The objective with heartbeats, its outcome told to the study (as ``study.optimize`` does)."""
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception:
+            log.exception("trial %d failed", trial.number)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+    study.tell(trial, value)
+
+
+def register_once(study: optuna.Study, storage_url: str, registered_model: str, alias: str) -> str:
+    """Register the best trial's model unless a worker already did at this number of finished
+    trials; returns the version."""
+    with study_lock(storage_url, study.study_name):
+        done = finished(trial_counts(study))
+        previous = study.user_attrs.get("registered", {})
+        if previous.get("finished") == done:
+            return previous["version"]
+        best_run = study.best_trial.user_attrs["mlflow_run_id"]
+        version = tracking.register_run_model(best_run, registered_model, alias, tags={
+            "metric": OBJECTIVE, "value": f"{study.best_value:.6f}", "study": study.study_name, "run": best_run})
+        study.set_user_attr("registered", {"finished": done, "version": version.version})
+        return version.version
+
+
 def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name: str | None = None,
                timeout: float = 0, registered_model: str = REGISTERED_MODEL,
-               alias: str = DEFAULT_ALIAS, pruner: str = "median", params: str = DEFAULT_SEARCH) -> dict:
-    """Run (or resume) the study until it has ``n_trials`` finished trials; register the best."""
+               alias: str = DEFAULT_ALIAS, pruner: str = "median", params: str = DEFAULT_SEARCH,
+               heartbeat: int = 60) -> dict:
+    """Work on (or resume) the study until it has ``n_trials`` finished trials, with any number
+    of other workers; register the best once."""
     base.validate()
     searched = search_params(params)
     study_name = study_name or f"melanoma-{base.model}"
-    storage = optuna.storages.get_storage(storage_url)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=base.seed),
-                                pruner=make_pruner(pruner))
-    fail_stale_trials(study, storage)
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = max(0, n_trials - finished)
-    log.info("study %s: %d trials finished, %d to run", study_name, finished, remaining)
+    with study_lock(storage_url, study_name):  # the first worker creates Optuna's tables and the study
+        storage = make_storage(storage_url, heartbeat)
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
+        worker = study.user_attrs.get("workers_started", 0)
+        study.set_user_attr("workers_started", worker + 1)
+    # Each worker samples from its own seed (the same one would repeat the others' first trials);
+    # constant_liar keeps TPE from proposing what another worker is running.
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner),
+                              sampler=optuna.samplers.TPESampler(seed=base.seed + worker, constant_liar=True))
+    log.info("study %s: %d of %d trials finished", study_name, finished(trial_counts(study)), n_trials)
 
     with mlflow.start_run(run_id=parent_run_for(study), run_name=f"search-{study_name}") as parent:
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         tracking.tag_experiment()
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
-        tracking.log_new_params({"study_name": study_name, "storage": storage_url,
+        tracking.log_new_params({"study_name": study_name, "storage": safe_url(storage_url),
                                  "pruner": pruner, "objective": OBJECTIVE, "searched": ",".join(searched),
                                  **{f"base_{k}": v for k, v in base.to_params().items()}})
-        if remaining:
-            study.optimize(make_objective(base, parent.info.run_id, study_name, searched), n_trials=remaining,
-                           timeout=timeout or None)
+        objective = make_objective(base, parent.info.run_id, study_name, searched)
+        deadline = time.monotonic() + timeout if timeout else math.inf
+        while time.monotonic() < deadline:
+            trial = claim_trial(study, storage, storage_url, n_trials)
+            if trial is False:
+                break
+            if trial is True:
+                time.sleep(min(heartbeat, 5))  # the others' trials: wait for them to end (or go stale)
+                continue
+            run_trial(study, trial, objective)
         summary = log_study(study)
-        best_run = study.best_trial.user_attrs["mlflow_run_id"]
-        version = tracking.register_run_model(best_run, registered_model, alias, tags={
-            "metric": OBJECTIVE, "value": f"{study.best_value:.6f}", "study": study_name, "run": best_run})
-        mlflow.set_tags({"registered_model": registered_model, "registered_version": version.version})
+        version = register_once(study, storage_url, registered_model, alias)
+        mlflow.set_tags({"registered_model": registered_model, "registered_version": version})
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
     return {**summary, "study_name": study_name, "best_run_id": best_run,
-            "registered": f"models:/{registered_model}/{version.version}", "alias": alias}
+            "registered": f"models:/{registered_model}/{version}", "alias": alias}
 
 
 def search_from_args(args: argparse.Namespace) -> dict:
     return run_search(config_from_args(args), n_trials=args.n_trials, storage_url=args.storage,
                       study_name=args.study_name, timeout=args.timeout,
                       registered_model=args.registered_model, alias=args.alias, pruner=args.pruner,
-                      params=args.params)
+                      params=args.params, heartbeat=args.heartbeat)

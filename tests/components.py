@@ -3,8 +3,11 @@ never in CI (``CI=true``), where `.ci/run` installs them."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -39,3 +42,51 @@ def serve_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def postgres_bindir() -> Path | None:
+    """Where Debian's PostgreSQL server programs are (pg_ctl is on PATH, initdb beside it)."""
+    import shutil
+
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).resolve().parent if pg_ctl and (Path(pg_ctl).resolve().parent / "initdb").exists() else None
+
+
+@contextlib.contextmanager
+def postgres_server(*databases: str) -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL on loopback for the duration of the block, with empty
+    ``databases``; yields their URLs by name. As root it runs as the ``postgres`` user
+    (PostgreSQL refuses root)."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    from melanoma.bench import free_port
+
+    bindir = postgres_bindir()
+    require(bindir is not None, "PostgreSQL's server (Debian package postgresql)")
+    require("psycopg" in sys.modules or importlib.util.find_spec("psycopg") is not None,
+            "psycopg 3 (pip install -e '.[dev]')")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="melanoma-pg-"))  # not under pytest's root-only folders
+    if as_postgres:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+    port = free_port()
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        try:
+            for name in databases:
+                run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+            yield {name: f"postgresql://postgres@127.0.0.1:{port}/{name}" for name in databases}
+        finally:
+            run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
