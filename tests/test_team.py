@@ -3,15 +3,18 @@ backend store and a served artifact store, search workers sharing one Optuna stu
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import base64
 import cv2
+import mlflow
 import numpy as np
 import optuna
 import pytest
@@ -38,7 +41,7 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, monkeypatch_module=None):
+def team(tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("served-artifacts")
     with postgres_server("mlflow", "optuna") as databases:
         url = f"http://127.0.0.1:{free_port()}"
@@ -52,8 +55,6 @@ def team(tmp_path_factory, monkeypatch_module=None):
 @pytest.fixture
 def client(team, monkeypatch) -> MlflowClient:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking_uri)
-    import mlflow
-
     mlflow.set_tracking_uri(team.tracking_uri)
     return MlflowClient(team.tracking_uri)
 
@@ -80,9 +81,6 @@ def test_train_register_and_serve_through_the_tracking_server(team, client, tmp_
     jpeg = base64.b64encode(cv2.imencode(".jpg", np.full((64, 64, 3), 120, np.uint8))[1].tobytes()).decode()
     env = team.env(tmp_path)  # the tracking URI and nothing else: artifacts come through the server
     with model_server("models:/team-model@champion", env) as (url, _):
-        import json
-        import urllib.request
-
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[jpeg]]}}).encode()
         request = urllib.request.Request(url + "/invocations", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -105,9 +103,8 @@ def test_two_workers_share_one_study_and_register_the_best_once(team, client, tm
             "-P", "model=cnn", "-P", "epochs=1", "-P", "img_size=32", "-P", "demo_size=16", "-P", "batch_size=16",
             "-P", "gradcam_images=0", "-P", "n_trials=4", "-P", f"storage={team.optuna_url}",
             "-P", "study_name=shared", "-P", "registered_model=shared", "-P", "heartbeat=1"]
-    workers = [subprocess.Popen([sys.executable, "-m", *args], env=team.env(tmp_path / f"w{i}"),
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2) if (tmp_path / f"w{i}").mkdir(parents=True) is None]
+    workers = [subprocess.Popen([sys.executable, "-m", *args], env=team.env(tmp_path / f"worker{i}"), cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for worker in workers:
         assert worker.wait(timeout=900) == 0, worker.stderr.read()[-4000:]
 
