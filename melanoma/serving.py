@@ -65,7 +65,7 @@ def decode_base64_column(frame: pd.DataFrame) -> list[bytes]:
             problems.append(f"row {row}: empty or not a string")
             continue
         try:
-            out.append(base64.b64decode(value.strip(), validate=True))
+            out.append(base64.b64decode("".join(value.split()), validate=True))  # MIME base64 wraps lines
         except (binascii.Error, ValueError):
             problems.append(f"row {row}: not valid base64")
     if problems:

@@ -167,3 +167,11 @@ def test_served_requirements_are_what_the_serving_path_imports():
     assert names == {"mlflow", "opencv-python", "torch", "torchvision", "numpy", "pandas", "pillow"} or names == {
         "mlflow", "opencv-python-headless", "torch", "torchvision", "numpy", "pandas", "pillow"}
     assert "timm" in {r.split("==")[0] for r in pip_requirements("efficientnet_lite0")}
+
+
+def test_line_wrapped_base64_is_accepted(classifier):
+    import textwrap
+
+    wrapped = "\r\n".join(textwrap.wrap(b64(encoded(".jpg")), 76))  # MIME style, as Spark's base64() writes
+    plain = classifier.predict(None, pd.DataFrame({"image": [b64(encoded(".jpg"))]}))
+    assert classifier.predict(None, pd.DataFrame({"image": [wrapped]})).equals(plain)
