@@ -45,11 +45,13 @@ def serve_script(name: str) -> ModuleType:
 
 
 def postgres_bindir() -> Path | None:
-    """Where Debian's PostgreSQL server programs are (pg_ctl is on PATH, initdb beside it)."""
+    """Where PostgreSQL's server programs are: beside pg_ctl on PATH, or Debian's
+    /usr/lib/postgresql/VERSION/bin (newest first)."""
     import shutil
 
-    pg_ctl = shutil.which("pg_ctl")
-    return Path(pg_ctl).resolve().parent if pg_ctl and (Path(pg_ctl).resolve().parent / "initdb").exists() else None
+    candidates = [Path(p).resolve().parent for p in filter(None, [shutil.which("pg_ctl")])]
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
 
 
 @contextlib.contextmanager

@@ -6,12 +6,9 @@ import pytest
 
 from tests.components import serve_script
 
-
-
 @pytest.fixture(scope="module")
 def client():
     return serve_script("client")
-
 
 def test_payload_is_a_dataframe_split_of_base64_files(client, tmp_path):
     image = tmp_path / "a.jpg"
@@ -21,7 +18,6 @@ def test_payload_is_a_dataframe_split_of_base64_files(client, tmp_path):
     assert base64.b64decode(payload["dataframe_split"]["data"][0][0]) == image.read_bytes()
     assert payload["params"] == {"explain": True}
     assert "params" not in client.build_payload([image], explain=False)
-
 
 def test_missing_files_and_an_unreachable_server_are_clear_errors(client, tmp_path, capsys):
     assert client.main(["--url", "http://127.0.0.1:9", str(tmp_path / "missing.jpg")]) == 2

@@ -1,6 +1,6 @@
-"""Hostile input against a real `mlflow models serve`: every request gets a 4xx that names the
-problem or a correct answer; never a 5xx, never a dead server; a good request after each bad one
-is answered; the server's memory stays bounded."""
+"""Against a real `mlflow models serve`: the client's side-by-side explanations, the load test,
+and hostile input (every request gets a 4xx that names the problem or a correct answer; never a
+5xx, never a dead server; a good request after each bad one is answered; memory stays bounded)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,15 @@ def served(trained_runs):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_runs.root / 'mlflow.db'}"}
     with model_server(f"runs:/{trained_runs.cnn}/model", env) as server:
         yield server
+
+
+def test_the_client_saves_each_photo_beside_its_overlay(served, tmp_path, capsys):
+    photo_path = tmp_path / "clinic photo.jpg"
+    cv2.imwrite(str(photo_path), photo(np.random.default_rng(1), 300, 400))
+    assert serve_script("client").main(["--url", served.url, "--save-overlays", str(tmp_path / "out"),
+                                        str(photo_path)]) == 0
+    assert "original | overlay" in capsys.readouterr().out
+    assert cv2.imread(str(tmp_path / "out" / "clinic photo_explained.png")).shape == (300, 800, 3)
 
 
 def test_the_load_test_measures_latency_throughput_and_memory_on_loopback_only(served, tmp_path, capsys):
