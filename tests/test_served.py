@@ -154,7 +154,8 @@ rss_mb = loadtest.process_tree_rss_mb
 
 @pytest.fixture(scope="module")
 def served(trained_runs):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_runs.root / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_runs.root / 'mlflow.db'}",
+           "MALLOC_ARENA_MAX": "2"}  # as serve/README.md serves: bounded allocator arenas
     with model_server(f"runs:/{trained_runs.cnn}/model", env) as server:
         yield server
 
@@ -208,4 +209,4 @@ def test_a_few_hundred_hostile_requests_get_4xx_or_correct_answers_and_the_serve
     assert not problems, f"FUZZ_SEED={seed}\n" + "\n".join(sorted(set(problems)))
     # The first passes raise the high-water mark (a 10,000-row body is parsed before it is
     # refused); then it levels off.
-    assert memory[0] > 100 and memory[3] < 1.05 * memory[2], memory
+    assert memory[0] > 100 and memory[3] < 1.05 * max(memory[1:3]), memory
