@@ -26,6 +26,9 @@ def score_images(spark, model_uri: str, images: str, batch_rows: int = 64):
 
     # The served model takes at most 500 rows per call; Arrow would send 10,000.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
+    # Spark 4's base64() wraps lines every 76 characters; models logged before melanoma accepted
+    # wrapped base64 refuse it.
+    spark.conf.set("spark.sql.chunkBase64String.enabled", "false")
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", "*.{jpg,jpeg,JPG,JPEG,png,PNG}").load(images))
     classify = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=RESULT_TYPE, env_manager="local")

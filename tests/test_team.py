@@ -148,3 +148,23 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"  # not RUNNING forever
     assert len(client.search_model_versions("name = 'retried'")) == 1
+
+
+def test_the_study_storage_survives_the_database_closing_its_connections(team):
+    """What a night idle looks like to a worker: the server (or a firewall) has closed its pooled
+    connections; pool_pre_ping replaces them instead of failing the next trial."""
+    import sqlalchemy
+
+    from melanoma.distributed import make_storage
+
+    storage = make_storage(team.optuna_url, heartbeat_seconds=1)
+    study = optuna.create_study(study_name="idle", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    admin = sqlalchemy.create_engine(team.optuna_url, poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as connection:
+        closed = connection.execute(sqlalchemy.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = 'optuna' AND pid <> pg_backend_pid()")).scalar()
+    admin.dispose()
+    assert closed >= 1
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING]
