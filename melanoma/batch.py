@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -21,8 +20,6 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COLUMNS = ["path", "malignant_probability", "benign_probability", "label", "error"]

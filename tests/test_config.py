@@ -65,3 +65,12 @@ def test_the_cli_help_does_not_import_torch():
     script = ("import sys; from melanoma.cli import build_parser; build_parser().format_help(); "
               "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+
+
+def test_conda_env_installs_what_the_package_and_its_team_extra_need():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert {p.split("  #")[0] for p in pip} == set(project["dependencies"]) | set(project["optional-dependencies"]["team"])
