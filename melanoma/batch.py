@@ -60,8 +60,9 @@ def explained_name(path: Path) -> str:
     return str(path).strip("/").replace("/", "__").replace("\\", "__") + ".explained.png"
 
 
-def score_chunk(model, paths: list[Path], explain: bool) -> list[dict]:
-    """One row per path; unreadable or refused files get their error, the rest their scores."""
+def score_chunk(model, paths: list[Path], explain: bool) -> tuple[list[dict], dict[Path, bytes]]:
+    """One row per path (unreadable or refused files get their error, the rest their scores),
+    and the bytes of the files that could be read."""
     rows, files = {}, {}
     for path in paths:
         try:
@@ -71,7 +72,7 @@ def score_chunk(model, paths: list[Path], explain: bool) -> list[dict]:
     if files:
         for path, answer in zip(files, predict_rows(model, list(files.values()), explain)):
             rows[path] = {"path": str(path), **answer}
-    return [rows[p] for p in paths]
+    return [rows[p] for p in paths], files
 
 
 def predict_rows(model, files: list[bytes], explain: bool) -> list[dict]:
@@ -116,10 +117,10 @@ def predict_files(model_uri: str, inputs: list[Path], out: Path, explain_dir: Pa
         if new_file:
             writer.writeheader()
         while chunk := list(islice(todo, chunk_size)):
-            rows = score_chunk(model, chunk, explain_dir is not None)
+            rows, files = score_chunk(model, chunk, explain_dir is not None)
             for path, row in zip(chunk, rows):
                 if explain_dir is not None and row.get("gradcam_png"):
-                    write_explanation(explain_dir, path, path.read_bytes(), row["gradcam_png"])
+                    write_explanation(explain_dir, path, files[path], row["gradcam_png"])
                 counts["errors" if row.get("error") else "scored"] += 1
             writer.writerows(rows)
             handle.flush()

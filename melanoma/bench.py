@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import NamedTuple
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
