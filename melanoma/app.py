@@ -37,9 +37,8 @@ class TriedModel:
         self.target_sensitivity = settings.get("target_sensitivity")
         self.card_html = model_card_html(model_uri)
 
-    def decision_in_words(self, probability: float) -> str:
+    def decision_in_words(self, probability: float, label: str) -> str:
         side = "above" if probability >= self.threshold else "below"
-        label = "malignant" if probability >= self.threshold else "benign"
         target = (f", the threshold that found {self.target_sensitivity:.0%} of the melanomas in the model's "
                   f"validation set" if self.target_sensitivity else "")
         return (f"Malignant probability {probability:.1%}: {side} the operating threshold "
@@ -55,15 +54,15 @@ class TriedModel:
             raise ValueError(exc.message.removeprefix("row 0: ")) from exc
         probability = float(row["malignant_probability"])
         return {"malignant_probability": probability, "label": row["label"], "threshold": self.threshold,
-                "in_words": self.decision_in_words(probability), "overlay_png": row["gradcam_png"]}
+                "in_words": self.decision_in_words(probability, row["label"]), "overlay_png": row["gradcam_png"]}
 
 
 def model_card_html(model_uri: str) -> str:
     """The card logged with the model's training run, or a line saying there is none."""
-    from melanoma.card import run_id_of
+    from melanoma.card import CARD_HTML_FILE, run_id_of
 
     try:
-        return mlflow.artifacts.load_text(f"runs:/{run_id_of(model_uri)}/model_card.html")
+        return mlflow.artifacts.load_text(f"runs:/{run_id_of(model_uri)}/{CARD_HTML_FILE}")
     except Exception as exc:  # a model logged outside a training run, or a store without the file
         log.warning("no model card for %s: %s", model_uri, exc)
         return f"<p>No model card was logged with {model_uri}.</p>"

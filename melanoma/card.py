@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 CARD_FILE = "model_card.md"
+CARD_HTML_FILE = "model_card.html"
 INTERVAL_METRICS = ("auc", "sensitivity", "specificity", "balanced_accuracy")
 FIELD_METRICS = ("pauc_above_80_sensitivity", "average_precision", "specificity_at_90_sensitivity",
                  "specificity_at_95_sensitivity")
@@ -220,7 +221,7 @@ def log_card(run_id: str) -> str:
     client = MlflowClient()
     text = card_markdown(client.get_run(run_id), evaluations_of(run_id))
     client.log_text(run_id, text, CARD_FILE)
-    client.log_text(run_id, markdown.markdown(text, extensions=["tables"]), "model_card.html")
+    client.log_text(run_id, markdown.markdown(text, extensions=["tables"]), CARD_HTML_FILE)
     return text
 
 
