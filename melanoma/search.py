@@ -105,8 +105,8 @@ def log_study(study: optuna.Study) -> dict:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    by_state = trial_counts(study)
+    counts = {state.name.lower(): by_state[state] for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
