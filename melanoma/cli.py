@@ -1,4 +1,4 @@
-"""The ``melanoma`` command: train, search, register, evaluate, predict, app, card, audit, bench, demo-data.
+"""The ``melanoma`` command: train, search, crossval, register, evaluate, predict, app, card, audit, bench, demo-data.
 
 Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
 imported by the command that needs them, so ``melanoma --help`` starts without torch.
@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, TrainConfig, add_config_arguments, config_from_args
+from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, CrossvalSettings, TrainConfig, add_config_arguments,
+                             config_from_args)
 
 
 def use_default_experiment(name: str) -> None:
@@ -65,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = run.info.run_id
     interrupt_on_sigterm()
     try:
-        summary = run_training(cfg, resume=resume)
+        summary = run_training(cfg, resume=resume).summary
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         print(f"interrupted: run {run_id} is KILLED with its last checkpoint kept; continue it with "
@@ -84,6 +85,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     use_default_experiment(args.experiment)
     print(json.dumps(search_from_args(args), indent=2))
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from melanoma.config import CrossvalSettings
+    from melanoma.crossval import run_crossval
+
+    cfg, settings = config_from_args(args), config_from_args(args, CrossvalSettings)
+    use_default_experiment(args.experiment)
+    with mlflow.start_run(run_name=args.run_name or "crossval") as run:
+        summary = run_crossval(cfg, settings)
+    print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
     return 0
 
 
@@ -185,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between a running trial's heartbeats; a trial silent for 3 of them is retried")
     search.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     search.set_defaults(func=cmd_search)
+
+    crossval = sub.add_parser("crossval", help="leave each source out in turn; a model with a threshold that travels")
+    add_config_arguments(crossval)
+    add_config_arguments(crossval, CrossvalSettings())
+    crossval.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
+    crossval.add_argument("--run-name", default=None)
+    crossval.set_defaults(func=cmd_crossval)
 
     register = sub.add_parser("register", help="register a training run's model and set an alias")
     register.add_argument("--run-id", required=True)

@@ -18,6 +18,11 @@ AUGMENTATIONS = ("none", "flip", "style", "full")
 CALIBRATIONS = ("temperature", "isotonic", "none")
 BALANCES = ("class", "source")
 OPTIMIZERS = ("adamw", "adam")
+PRUNERS = ("median", "none")
+OBJECTIVES = ("val_auc", "crossval_mean_auc", "crossval_worst_auc")
+# validation: the threshold that finds target_sensitivity of the in-source validation melanomas;
+# crossval: the one that found it on sources a model had never seen (melanoma.crossval).
+THRESHOLD_RULES = ("crossval", "validation")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class TrainConfig:
     mask_corners: bool = False  # black out everything outside the inscribed circle
     crop_lesion: bool = True  # cut each image to the dark blob in its centre (the lesion) first
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
+    tta: str = "none"  # test-time views averaged in evaluation and serving: none | flip | dihedral
     calibration: str = "temperature"  # temperature | isotonic | none: fitted on validation, served
     bootstrap: int = 1000  # resamples for the 95 % confidence intervals (0: none)
     external: str = ""  # extra evaluation-only folders, comma-separated
@@ -81,6 +87,10 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        from melanoma.inference import TTA_VIEWS
+
+        if self.tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {tuple(TTA_VIEWS)}, got {self.tta!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.img_size < 32:
@@ -125,6 +135,43 @@ class TrainConfig:
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in dataclasses.asdict(self).items()}
 
 
+@dataclass
+class SearchSettings:
+    """The search's own settings, beside a TrainConfig: its flags and MLproject's ``search``
+    parameters (tests/test_config.py keeps them in step)."""
+
+    n_trials: int = 20  # trials the study should have in total
+    timeout: float = 0.0  # stop starting trials after this many seconds; 0 = no limit
+    storage: str = "sqlite:///optuna.db"  # Optuna storage: sqlite:///FILE (one machine) or postgresql://...
+    study_name: str = ""  # empty: melanoma-<model>
+    registered_model: str = REGISTERED_MODEL
+    alias: str = DEFAULT_ALIAS  # moved to the best trial's model
+    pruner: str = "median"  # median | none
+    params: str = "lr,batch_size"  # the settings searched, comma-separated (melanoma.search.SEARCH_SPACE)
+    objective: str = "val_auc"  # val_auc, or crossval_mean_auc / crossval_worst_auc (a cross-validation per trial)
+    heartbeat: int = 60  # seconds between a running trial's heartbeats; silent for 3 of them: retried
+
+    def validate(self) -> None:
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.n_trials < 1 or self.heartbeat < 1:
+            raise ValueError(f"n_trials and heartbeat must be positive, got {self.n_trials} and {self.heartbeat}")
+
+
+@dataclass
+class CrossvalSettings:
+    """Cross-source validation's own settings, beside a TrainConfig (MLproject's ``crossval``)."""
+
+    threshold_rule: str = "crossval"  # crossval | validation: how the final model's threshold is chosen
+    final: bool = True  # also train the model on every source, with that threshold
+
+    def validate(self) -> None:
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+
+
 def parse_bool(text: str | bool) -> bool:
     """Parse the spellings of a boolean that MLflow parameters and shells produce."""
     if isinstance(text, bool):
@@ -137,17 +184,19 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
-    """Add one --flag per TrainConfig field, typed and defaulted from the dataclass."""
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: object | None = None) -> None:
+    """Add one --flag per field of a settings dataclass (a TrainConfig by default), typed and
+    defaulted from it."""
     defaults = defaults or TrainConfig()
-    for f in fields(TrainConfig):
+    for f in fields(defaults):
         default = getattr(defaults, f.name)
         kind = type(default)
         arg_type = parse_bool if kind is bool else kind
         parser.add_argument(f"--{f.name}", type=arg_type, default=default, help=f"(default: {default})")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+def config_from_args(args: argparse.Namespace, kind: type = TrainConfig):
+    """The settings dataclass ``kind`` from parsed arguments, validated."""
+    cfg = kind(**{f.name: getattr(args, f.name) for f in fields(kind)})
     cfg.validate()
     return cfg

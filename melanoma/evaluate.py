@@ -16,7 +16,6 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
 from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.inference import predict_logits
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -77,6 +76,15 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
 
 
 @dataclass(frozen=True)
+class Predictions:
+    """A set's labels, calibrated malignant probabilities and resampling groups (a lesion's photos)."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    groups: np.ndarray
+
+
+@dataclass(frozen=True)
 class OperatingPoint:
     """The decision threshold chosen on validation, and the validation metrics at it."""
 
@@ -91,12 +99,11 @@ def operating_point(labels: np.ndarray, probs: np.ndarray, target_sensitivity: f
     return OperatingPoint(threshold, classification_metrics(labels, probs, threshold))
 
 
-def score_folder(model: torch.nn.Module, folder: str | Path, spec: PreprocessSpec,
-                 device: torch.device) -> tuple[PreparedData, torch.Tensor]:
-    """A labelled evaluation folder (decoded through the cache) and the model's logits for each
-    of its images."""
+def score_folder(engine, folder: str | Path, spec: PreprocessSpec) -> tuple[PreparedData, torch.Tensor]:
+    """A labelled evaluation folder (decoded through the cache) and an engine's logits
+    (``melanoma.engine``) for each of its images."""
     data = prepare_dataset(folder, spec, require_train=False)
-    return data, predict_logits(model, data.images, spec, device)
+    return data, engine.logits(np.asarray(data.images))
 
 
 def source_metrics(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,

@@ -28,7 +28,7 @@ def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None 
     ``benign/`` and/or ``malignant/`` folders, or one folder named after a class.
     """
     classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    prepared, logits = score_folder(classifier.model, data, classifier.spec, classifier.device)
+    prepared, logits = score_folder(classifier.engine, data, classifier.spec)
     chosen = prepared.indices("test")
     if not len(chosen):
         chosen = np.arange(len(prepared.labels))

@@ -102,6 +102,24 @@ def sets_figure(rows: dict[str, dict[str, float]]) -> plt.Figure:
     return fig
 
 
+def crossval_figure(rows: dict[str, dict[str, float]]) -> plt.Figure:
+    """Each held-out source's AUC with its 95 % interval: the model at clinics it never saw."""
+    names = [n for n in rows if "auc" in rows[n]]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6))
+    values = [rows[n]["auc"] for n in names]
+    errors = [[v - rows[n].get("auc_ci_low", v) for n, v in zip(names, values)],
+              [rows[n].get("auc_ci_high", v) - v for n, v in zip(names, values)]]
+    ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:purple")
+    for i, v in enumerate(values):
+        ax.text(i, 0.02, f"{v:.3f}", ha="center", color="white", fontsize=9)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("AUC on the held-out source")
+    ax.set_title("each source scored by a model trained without it", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def history_figure(history: list[dict[str, float]]) -> plt.Figure:
     """Loss and validation metrics per epoch, for a quick look without the MLflow UI."""
     epochs = [h["epoch"] for h in history]

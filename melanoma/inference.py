@@ -1,6 +1,8 @@
-"""Running a network on images: device, mixed precision, logits and probabilities.
+"""Running a network on images: device, mixed precision, test-time views, logits and probabilities.
 
-The one inference path that training, evaluation, serving and the experiments share.
+The one inference path that training, evaluation, serving and the experiments share. What is
+scored is a ``Scorer``: uint8 images in, logits out, normalisation and test-time augmentation
+inside, so PyTorch and the exported ONNX graph (``melanoma.engine``) compute the same function.
 """
 
 from __future__ import annotations
@@ -51,24 +53,64 @@ def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.devi
     return x.contiguous(memory_format=torch.channels_last)
 
 
+# Test-time views of a lesion, which has no canonical orientation. ``flip``: the 4 flips (the
+# views a flip-trained model has seen); ``dihedral``: also their transposes, all 8 symmetries of
+# the square (for models trained with rotations: transposes a model never saw make it worse).
+TTA_VIEWS = {"none": 1, "flip": 4, "dihedral": 8}
+
+
+def test_time_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a batch (N, C, H, W) that ``tta`` averages over, the batch itself first."""
+    if tta == "none":
+        return [x]
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+    return flips if tta == "flip" else flips + [v.transpose(-2, -1) for v in flips]
+
+
+class Scorer(nn.Module):
+    """What the served model computes: uint8 images (N, C, H, W) -> logits (N, 2), normalised
+    inside, averaged over test-time views and over ensemble members. The views of a batch go
+    through each network as one batch."""
+
+    def __init__(self, members: nn.Module | list[nn.Module], spec: PreprocessSpec, tta: str = "none"):
+        super().__init__()
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+        self.members = nn.ModuleList(members if isinstance(members, (list, tuple)) else [members])
+        self.tta = tta
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        views = test_time_views(x, self.tta)
+        x = torch.cat(views).contiguous(memory_format=torch.channels_last)
+        logits = torch.stack([member(x).float() for member in self.members]).mean(0)
+        return logits.view(len(views), -1, logits.shape[-1]).mean(0)
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec,
-                   device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode; the model's mode is restored."""
+def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec | None,
+                   device: torch.device, batch_size: int = 128, tta: str = "none") -> torch.Tensor:
+    """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode, averaged over the ``tta``
+    views; a ``Scorer`` is used as it is (``spec`` and ``tta`` unused). The model's mode is
+    restored."""
+    scorer = model if isinstance(model, Scorer) else Scorer(model, spec, tta).to(device)
     was_training = model.training
     if was_training:  # train()/eval() walk every module: skip it when the mode is already right
-        model.eval()
+        scorer.eval()
     out = []
+    batch_size = max(1, batch_size // TTA_VIEWS[scorer.tta])
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(np.array(images[start:start + batch_size]))  # a copy: the cache is read-only
         with autocast(device):
-            out.append(model(to_model_input(batch, spec, device)).float().cpu())
+            out.append(scorer(batch.to(device, non_blocking=True)).float().cpu())
     if was_training:
         model.train()
     return torch.cat(out) if out else torch.empty(0, 2)
 
 
 def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec, device: torch.device,
-                  calibration: Calibration = Calibration()) -> np.ndarray:
+                  calibration: Calibration = Calibration(), tta: str = "none") -> np.ndarray:
     """Malignant probability of each uint8 image (N, C, H, W), calibrated by ``calibration``."""
-    return calibration.probabilities(predict_logits(model, images, spec, device))
+    return calibration.probabilities(predict_logits(model, images, spec, device, tta=tta))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -24,11 +25,13 @@ from melanoma.data.dataset import PreparedData, cache_dir
 from melanoma.data.layout import read_file
 from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
 from melanoma.data.demo import demo_dataset
-from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder, source_metrics
+from melanoma.evaluate import (Predictions, classification_metrics, external_names, operating_point, score_folder,
+                               source_metrics)
 from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
                               sets_figure)
 from melanoma.gradcam import GradCAM, fit_longest_side, overlay_on_photo, side_by_side
-from melanoma.inference import predict_logits, select_device, to_model_input
+from melanoma.engine import checked_engine
+from melanoma.inference import Scorer, select_device, to_model_input
 from melanoma.intervals import bootstrap_intervals, interval_metrics
 from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.train import EpochCallback, fit_data, load_data
@@ -125,13 +128,26 @@ def relog_missing_epochs(history: list[dict[str, float]]) -> None:
             tracking.epoch_logger(int(metrics["epoch"]), metrics)
 
 
+@dataclass
+class TrainingReport:
+    """What a training run returns: its summary (printed by ``melanoma train``) and the
+    calibrated predictions on validation and on a held-out source (cross-source validation's
+    raw material)."""
+
+    summary: dict
+    val: Predictions
+    holdout: Predictions | None = None
+
+
 def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, resume: dict | None = None,
-                 checkpoints: bool = True) -> dict:
-    """Train and log everything to the active MLflow run; returns the final report metrics.
+                 checkpoints: bool = True, validation_sensitivity: float | None = None) -> TrainingReport:
+    """Train and log everything to the active MLflow run.
 
     ``on_epoch_end`` is called after MLflow has the epoch's metrics (the search uses it to prune).
     With ``checkpoints`` every epoch leaves a checkpoint (``melanoma.checkpoint``); ``resume``,
-    one such checkpoint of this run, continues training after its epoch.
+    one such checkpoint of this run, continues training after its epoch. The operating threshold
+    finds ``cfg.target_sensitivity`` of the validation melanomas, or ``validation_sensitivity`` of
+    them where cross-source validation found the share that travels (``melanoma.crossval``).
     """
     cfg.validate()
     if cfg.num_threads:
@@ -172,27 +188,41 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     tracking.log_figure(history_figure(result.history), "training/history.png")
 
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
-    val_labels, val_logits = data.labels[val_idx], predict_logits(model, data.images[val_idx], spec, device)
+    # The final figures come from the engine the logged model will be served with.
+    engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta), np.asarray(data.images[val_idx[:256]]),
+                                               device)
+    mlflow.set_tag("scoring_engine", engine.name)
+    mlflow.log_metric("onnx_max_probability_difference", difference)
+
+    def logits_of(idx: np.ndarray) -> torch.Tensor:
+        return engine.logits(np.asarray(data.images[idx]))
+
+    val_labels, val_logits = data.labels[val_idx], logits_of(val_idx)
     calibration = fit_calibration(cfg.calibration, val_logits, val_labels)
     val_probs = calibration.probabilities(val_logits)
-    point = operating_point(val_labels, val_probs, cfg.target_sensitivity)
-    mlflow.log_metrics({"threshold": point.threshold, "temperature": calibration.temperature})
+    threshold_rule = "validation" if validation_sensitivity is None else "crossval"
+    point = operating_point(val_labels, val_probs, validation_sensitivity or cfg.target_sensitivity)
+    mlflow.log_metrics({"threshold": point.threshold, "temperature": calibration.temperature,
+                        "threshold_validation_sensitivity": validation_sensitivity or cfg.target_sensitivity})
+    mlflow.set_tag("threshold_rule", threshold_rule)
     tracking.log_metrics(classification_metrics(val_labels, val_probs), prefix="best_val_")
     sets = {"val": log_set("val", "val_op_", val_labels, val_logits, calibration, point.threshold,
                            groups[val_idx], cfg.bootstrap, cfg.seed)}
     by_source = source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold)
     for source, metrics in by_source.items():
         tracking.log_metrics(metrics, prefix=f"val_{source}_")
+    holdout = None
     if len(run_data.holdout_idx):
         held = run_data.holdout_idx
+        held_logits = logits_of(held)
         sets[f"holdout {cfg.holdout_source}"] = log_set(
-            f"holdout_{cfg.holdout_source}", f"holdout_{cfg.holdout_source}_", data.labels[held],
-            predict_logits(model, data.images[held], spec, device), calibration, point.threshold, groups[held],
-            cfg.bootstrap, cfg.seed)
+            f"holdout_{cfg.holdout_source}", f"holdout_{cfg.holdout_source}_", data.labels[held], held_logits,
+            calibration, point.threshold, groups[held], cfg.bootstrap, cfg.seed)
+        holdout = Predictions(data.labels[held], calibration.probabilities(held_logits), groups[held])
 
     report_split, report_idx, report_probs = "val", val_idx, val_probs
     if len(test_idx):
-        test_labels, test_logits = data.labels[test_idx], predict_logits(model, data.images[test_idx], spec, device)
+        test_labels, test_logits = data.labels[test_idx], logits_of(test_idx)
         report_split, report_idx, report_probs = "test", test_idx, calibration.probabilities(test_logits)
         tracking.log_metrics(classification_metrics(test_labels, report_probs), prefix="test_")
         sets["test"] = log_set("test", "test_op_", test_labels, test_logits, calibration, point.threshold,
@@ -200,7 +230,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     log_report_figures(model, data, report_idx, report_probs, report_split, point.threshold, cfg, spec, device)
 
     for name, folder in external_names(cfg.external_dirs).items():
-        external, logits = score_folder(model, folder, spec, device)
+        external, logits = score_folder(engine, folder, spec)
         sets[name] = log_set(name, f"external_{name}_", external.labels, logits, calibration, point.threshold,
                              external.groups, cfg.bootstrap, cfg.seed)
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
@@ -208,11 +238,14 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
 
     example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
     model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes, calibration,
-                                        {"target_sensitivity": cfg.target_sensitivity})
+                                        graph, {"target_sensitivity": cfg.target_sensitivity, "tta": cfg.tta,
+                                         "threshold_rule": threshold_rule,
+                                         "threshold_validation_sensitivity": validation_sensitivity or cfg.target_sensitivity})
     mlflow.set_tag("model_uri", model_uri)
     card.log_card(mlflow.active_run().info.run_id)
     if saver is not None:
         saver.remove_local()
     report = sets[report_split]
-    return {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
-            "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}
+    summary = {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
+               "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}
+    return TrainingReport(summary, Predictions(val_labels, val_probs, groups[val_idx]), holdout)

@@ -89,7 +89,7 @@ def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, param
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({"optuna_study": study_name, "optuna_trial": trial.number})
             try:
-                summary = run_training(cfg, on_epoch_end=report, checkpoints=False)  # a killed trial reruns whole
+                summary = run_training(cfg, on_epoch_end=report, checkpoints=False).summary  # a killed trial reruns whole
             except optuna.TrialPruned:
                 mlflow.set_tag("pruned", "true")
                 mlflow.end_run(status="KILLED")

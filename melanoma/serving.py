@@ -29,8 +29,9 @@ from melanoma.calibration import Calibration
 from melanoma.data.layout import CLASSES
 from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, Region, decode_for_model, decode_image,
                                          model_region, preprocess)
+from melanoma.engine import OnnxEngine, TorchEngine, onnx_usable
 from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
-from melanoma.inference import predict_proba, select_device, to_model_input
+from melanoma.inference import TTA_VIEWS, Scorer, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer
 
 SETTINGS_FILE = "settings.json"
@@ -95,9 +96,10 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
     """Loads the weights and settings logged with the model; scores base64 image files."""
 
     def load_context(self, context) -> None:
-        self.load(Path(context.artifacts["weights"]), Path(context.artifacts["settings"]))
+        onnx = context.artifacts.get("onnx")  # models logged before the ONNX graph have none
+        self.load(Path(context.artifacts["weights"]), Path(context.artifacts["settings"]), onnx and Path(onnx))
 
-    def load(self, weights: Path, settings: Path) -> None:
+    def load(self, weights: Path, settings: Path, onnx: Path | None = None) -> None:
         self.settings = json.loads(Path(settings).read_text())
         self.spec = PreprocessSpec(**self.settings["preprocess"])
         self.threshold = float(self.settings["threshold"])  # on the calibrated scale
@@ -107,6 +109,11 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.gradcam_layer = gradcam_layer(self.model, self.spec.img_size, self.spec.channels)
+        tta = self.settings.get("tta", "none")
+        if onnx is not None and onnx_usable(self.device):
+            self.engine = OnnxEngine(str(onnx), views=TTA_VIEWS[tta])
+        else:
+            self.engine = TorchEngine(Scorer(self.model, self.spec, tta), self.device)
 
     def preprocess_rows(self, files: list[bytes]) -> tuple[np.ndarray, list[Region]]:
         """Model inputs and the region of each photo they show; all undecodable rows are
@@ -134,7 +141,7 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         except BadInputError as exc:
             # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 with this message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        probs = predict_proba(self.model, images, self.spec, self.device, self.calibration)
+        probs = self.calibration.probabilities(self.engine.logits(images))
         result = pd.DataFrame({
             "malignant_probability": probs.astype(np.float64),
             "benign_probability": (1.0 - probs).astype(np.float64),

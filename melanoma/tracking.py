@@ -21,15 +21,18 @@ import melanoma
 from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
 from melanoma.calibration import Calibration
 from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.engine import ONNX_FILE
+from melanoma.serving import SETTINGS_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(melanoma.__file__).parent
 # The served model's code: the serving path alone (tests/test_serving.py checks that it imports
 # nothing else of the package), and the packages it imports.
-SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "calibration.py", "gradcam.py",
-                   "serving.py", "pyfunc_model.py", "data/__init__.py", "data/layout.py", "data/preprocessing.py")
-SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow")
+SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "engine.py", "calibration.py",
+                   "gradcam.py", "serving.py", "pyfunc_model.py", "data/__init__.py", "data/layout.py",
+                   "data/preprocessing.py")
+SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "onnxruntime")
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training views
@@ -101,23 +104,27 @@ def serving_code(folder: Path) -> Path:
 
 
 def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec, threshold: float,
-                   example_image: bytes, calibration: Calibration = Calibration(),
+                   example_image: bytes, calibration: Calibration = Calibration(), onnx_graph: bytes | None = None,
                    extra_settings: dict | None = None) -> str:
     """Log the trained network as a self-contained pyfunc (models-from-code, the serving code
-    bundled); returns the model URI."""
+    bundled), with its checked ONNX graph where there is one; returns the model URI."""
     settings = {"model": model_name, "preprocess": spec.to_dict(), "threshold": threshold,
                 "calibration": calibration.to_dict(), **(extra_settings or {})}
     with tempfile.TemporaryDirectory() as tmp:
-        weights, settings_file = Path(tmp) / "weights.pt", Path(tmp) / "settings.json"
+        weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
         settings_file.write_text(json.dumps(settings, indent=2))
+        artifacts = {"weights": str(weights), "settings": str(settings_file)}
+        if onnx_graph is not None:
+            (Path(tmp) / ONNX_FILE).write_bytes(onnx_graph)
+            artifacts["onnx"] = str(Path(tmp) / ONNX_FILE)
         example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
         output_example = pd.DataFrame({"malignant_probability": [0.5], "benign_probability": [0.5],
                                        "label": ["benign"]})
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
-            artifacts={"weights": str(weights), "settings": str(settings_file)},
+            artifacts=artifacts,
             code_paths=[str(serving_code(Path(tmp) / "code"))],
             signature=infer_signature(example, output_example, params={"explain": False}),
             input_example=example,

@@ -3,8 +3,15 @@
 The same photo can arrive twice, e.g. a HAM10000 melanoma at 600x450 (or 200x150) and the same
 photo squashed to 300x300 in a Kaggle set. A perceptual hash of the whole frame squashed to a
 square (a 256-bit DCT hash) finds such copies whatever their size and aspect ratio; a copy in a
-second dataset is dropped (the photo stays once, preferring a dataset that knows its lesions),
-copies inside one dataset are kept in one group so a split cannot separate them.
+second dataset is dropped, copies inside one dataset are kept in one group so a split cannot
+separate them.
+
+Which copy stays (``keeper``): a photo belongs to the collection it was taken in, and the pooled
+sets that copy it (the Kaggle melanoma10k holds HAM10000's and ISIC 2017's melanomas) are named
+before the collections they copy: the copy of a dataset that records lesions wins, then the
+copy of the dataset named later in ``data``. So ``melanoma10k,ham10000,isic2017`` counts the
+copies inside melanoma10k as ham10000's and isic2017's photos, in the source x class table, in
+per-source metrics and when a source is held out.
 """
 
 from __future__ import annotations
@@ -112,9 +119,8 @@ def load_datasets(text: str, spec: PreprocessSpec, require_train: bool = True, l
         if dataset_of[i] == dataset_of[j]:
             within.append((i, j))
             continue
-        # Keep the copy from a dataset that records lesions, else from the one named first.
-        keep_j = knows_lesions[dataset_of[j]] and not knows_lesions[dataset_of[i]]
-        dropped.add(i if keep_j else j)
+        kept = keeper(i, j, dataset_of, knows_lesions)
+        dropped.add(j if kept == i else i)
     for i, j in within:  # a photo twice in one dataset: one group
         combined.groups[combined.groups == combined.groups[j]] = combined.groups[i]
     kept = np.array([i for i in range(len(combined.labels)) if i not in dropped], dtype=np.int64)
@@ -124,6 +130,15 @@ def load_datasets(text: str, spec: PreprocessSpec, require_train: bool = True, l
     result.copies_removed = len(dropped)
     result.copies_within = len(within)
     return result
+
+
+def keeper(i: int, j: int, dataset_of: np.ndarray, knows_lesions: list[bool]) -> int:
+    """Which of two copies of one photo in two datasets stays: the one of a dataset that records
+    lesions, else the one of the dataset named later (pooled sets are named first)."""
+    a, b = dataset_of[i], dataset_of[j]
+    if knows_lesions[a] != knows_lesions[b]:
+        return i if knows_lesions[a] else j
+    return i if a > b else j
 
 
 def concatenate(parts: list[PreparedData]) -> PreparedData:

@@ -1,0 +1,115 @@
+"""Scoring engines: ONNX Runtime on the exported graph, or PyTorch.
+
+Every logged model carries ``model.onnx``: its ``Scorer`` (normalisation, test-time views,
+ensemble members) exported when the model is logged and checked there against PyTorch in fp32
+on real images. On a CPU ONNX Runtime runs it several times faster than PyTorch eager, whose
+per-module overhead dominates for one small image (docs/performance.md). A run's final figures,
+the served model, ``melanoma predict``, the page and Spark all score through the same engine.
+Models logged before the graph existed are scored by PyTorch; Grad-CAM always is (it needs
+gradients), and so is everything on a GPU where ONNX Runtime has no CUDA provider.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from melanoma.inference import TTA_VIEWS, Scorer, predict_logits
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+OPSET = 17
+# Largest malignant-probability difference allowed between the graph and PyTorch (fp32).
+TOLERANCE = 1e-4
+BATCH_IMAGES = 64  # images per engine call (their views count): bounds the activations' memory
+
+
+class TorchEngine:
+    """A ``Scorer`` run by PyTorch (mixed precision where it pays, as in training)."""
+
+    name = "torch"
+
+    def __init__(self, scorer: Scorer, device: torch.device):
+        self.scorer, self.device = scorer.to(device).eval(), device
+
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """Logits (N, 2) of uint8 images (N, C, H, W)."""
+        return predict_logits(self.scorer, images, None, self.device, batch_size=BATCH_IMAGES)
+
+
+class OnnxEngine:
+    """The exported ``Scorer`` run by ONNX Runtime, with as many threads as torch would use."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes | str, views: int = 1, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(model, options, providers=providers)
+        self.batch = max(1, BATCH_IMAGES // views)
+
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """Logits (N, 2) of uint8 images (N, C, H, W)."""
+        out = [self.session.run(None, {"images": np.ascontiguousarray(images[start:start + self.batch])})[0]
+               for start in range(0, len(images), self.batch)]
+        return torch.from_numpy(np.concatenate(out)) if out else torch.empty(0, 2)
+
+
+def onnx_usable(device: torch.device) -> bool:
+    """ONNX Runtime scores on the CPU, and on a GPU where it has the CUDA provider."""
+    if device.type == "cpu":
+        return True
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def export_onnx(scorer: Scorer, channels: int, img_size: int) -> bytes:
+    """The scorer as an ONNX graph: uint8 ``images`` (batch, C, H, W) in, ``logits`` (batch, 2) out."""
+    scorer = scorer.cpu().float().eval()
+    example = torch.zeros(2, channels, img_size, img_size, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: 1 s for EfficientNet-Lite0 against 9 s for the dynamo one
+        # (measured here), the same graph for this network.
+        torch.onnx.export(scorer, (example,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET)
+    return buffer.getvalue()
+
+
+def probability_difference(scorer: Scorer, engine: OnnxEngine, images: np.ndarray) -> float:
+    """The largest malignant-probability difference between ``engine`` and the scorer in fp32."""
+    with torch.inference_mode():
+        reference = torch.cat([scorer.cpu().float().eval()(torch.from_numpy(np.ascontiguousarray(
+            images[start:start + BATCH_IMAGES]))) for start in range(0, len(images), BATCH_IMAGES)])
+    ours = engine.logits(images)
+    return float((torch.softmax(ours.float(), 1)[:, 1] - torch.softmax(reference, 1)[:, 1]).abs().max())
+
+
+def checked_engine(scorer: Scorer, images: np.ndarray, device: torch.device) -> tuple[object, bytes | None, float]:
+    """The engine to score with, the ONNX graph if it passed its check, and the difference
+    measured on ``images`` (real model inputs); PyTorch where the graph cannot be exported,
+    differs by more than ``TOLERANCE``, or cannot run on ``device``."""
+    spec_channels, side = images.shape[1], images.shape[-1]
+    try:
+        graph = export_onnx(scorer, spec_channels, side)
+        engine = OnnxEngine(graph, views=TTA_VIEWS[scorer.tta])
+        difference = probability_difference(scorer, engine, images)
+    except Exception as exc:  # any exporter or runtime failure: PyTorch scores, the run says why
+        log.warning("the ONNX export failed (%s): scoring with PyTorch", exc)
+        return TorchEngine(scorer, device), None, float("nan")
+    if difference > TOLERANCE:
+        log.warning("the ONNX graph differs from PyTorch by %.2g in probability (over %g): scoring with PyTorch",
+                    difference, TOLERANCE)
+        return TorchEngine(scorer, device), None, difference
+    return (engine if onnx_usable(device) else TorchEngine(scorer, device)), graph, difference
