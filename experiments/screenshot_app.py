@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from playwright.sync_api import sync_playwright
 
-from melanoma.bench import background_server, free_port
+from melanoma.servers import background_server, free_port
 from melanoma.data.demo import synthetic_lesion
 
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

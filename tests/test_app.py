@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from melanoma.bench import background_server, free_port
+from melanoma.servers import background_server, free_port
 from tests.components import CHROMIUM, launch_chromium, require
 
 pytestmark = pytest.mark.e2e

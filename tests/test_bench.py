@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 import numpy as np
 import torch
 
@@ -10,8 +8,11 @@ from melanoma.data.demo import make_demo_dataset
 
 REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", "train_img_per_s_notebook",
             "train_img_per_s_default", "train_speedup_vs_notebook", "gemm_gflops", "gemm_fraction_notebook",
-            "gemm_fraction_default", "notebook_gemm_fraction", "predict_one_ms", "predict_batch32_img_per_s",
-            "efficientnet_lite0_predict_one_ms", "cnn_predict_one_ms"]
+            "gemm_fraction_default", "notebook_gemm_fraction", "engine_one_ms_onnxruntime", "engine_one_ms_torch",
+            "engine_batch32_img_per_s_onnxruntime", "engine_batch32_img_per_s_torch", "engine_one_onnx_speedup",
+            "predict_one_ms_onnxruntime", "predict_one_ms_torch", "predict_batch32_img_per_s_onnxruntime",
+            "efficientnet_lite0_predict_one_ms_onnxruntime", "cnn_predict_one_ms_onnxruntime",
+            "tta_flip_predict_one_ms_onnxruntime", "tta_dihedral_engine_one_ms_torch"]
 
 
 def test_bench_measures_every_stage_and_writes_json(tmp_path):
@@ -27,7 +28,8 @@ def test_bench_measures_every_stage_and_writes_json(tmp_path):
     assert saved["device"] == "cpu" and saved["torch_version"] and saved["cpu"]
     assert saved["predict_settings"]["serve_env"] == {"OMP_NUM_THREADS": "1"}
     default = saved["predict_settings"]["model"]
-    assert saved["predict_one_ms"] == saved[f"{default}_predict_one_ms"]
+    assert saved["predict_one_ms_onnxruntime"] == saved[f"{default}_predict_one_ms_onnxruntime"]
+    assert saved["onnx_max_probability_difference"] <= 1e-4
     assert results["train_speedup_vs_notebook"] == saved["train_img_per_s_notebook"] / saved["notebook_train_img_per_s"]
     # The notebook's network and ours do the same arithmetic: their FLOPs per image agree.
     notebook_flops = saved["notebook_train_gflops"] / saved["notebook_train_img_per_s"]
@@ -35,11 +37,19 @@ def test_bench_measures_every_stage_and_writes_json(tmp_path):
     assert abs(notebook_flops / ours - 1) < 1e-9
 
 
-def test_each_trick_is_timed_on_and_off():
+def test_each_trick_is_switched_off_alone_and_interleaved(monkeypatch):
+    import melanoma.bench as bench
+
+    calls = []
+
+    def fake_time_training(model_name, images, labels, spec, batch, steps, device, **switches):
+        calls.append(switches)
+        return (100.0 if not switches else 50.0), 1.0
+
+    monkeypatch.setattr(bench, "time_training", fake_time_training)
     images = np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8)
-    labels = np.arange(16) % 2
-    results = time_tricks(images, labels, steps=1, device=torch.device("cpu"), rounds=1,
+    results = time_tricks(images, np.arange(16) % 2, steps=1, device=torch.device("cpu"), rounds=2,
                           configurations={"tiny": ("cnn", 32, 1, 8)})
-    for trick in ("recycle", "channels_last"):
-        assert results[f"trick_{trick}_tiny_speedup"] == pytest.approx(
-            results[f"trick_{trick}_tiny_img_per_s_on"] / results[f"trick_{trick}_tiny_img_per_s_off"])
+    # on, off, on, off for one trick, then the other: each off-run switches exactly one trick off.
+    assert calls == [{}, {"recycle": False}] * 2 + [{}, {"channels_last": False}] * 2
+    assert results["trick_recycle_tiny_speedup"] == 2.0 and results["trick_channels_last_tiny_img_per_s_off"] == 50.0

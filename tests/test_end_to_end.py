@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from melanoma import search
-from melanoma.bench import model_server, ping
+from melanoma.servers import model_server, ping
 from melanoma.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma.bench import model_server
+from melanoma.servers import model_server
 from tests.components import serve_script
 from tests.test_preprocessing import png_claiming_size
 

@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from melanoma.bench import background_server, free_port, model_server
+from melanoma.servers import background_server, free_port, model_server
 from tests.components import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
