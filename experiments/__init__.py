@@ -1,1 +1,2 @@
-"""Research code: the Optuna search."""
+"""Research scripts: screening settings, re-scoring finished runs, serving under load, resuming a
+killed run, the README's screenshot. Imported by nothing in the package."""

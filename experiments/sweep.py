@@ -24,10 +24,12 @@ from pathlib import Path
 
 from melanoma.calibration import Calibration
 from melanoma.config import TrainConfig, add_config_arguments, config_from_args, parse_bool
-from melanoma.evaluate import classification_metrics, external_names, folder_metrics, operating_point, score_folder
-from melanoma.inference import predict_proba, select_device
+from melanoma.engine import TorchEngine
+from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder
+from melanoma.inference import Scorer, predict_proba, select_device
 from melanoma.models import build_model
-from melanoma.train import fit_data, load_data
+from melanoma.data.training_data import load_data
+from melanoma.train import fit_data
 
 log = logging.getLogger("melanoma.sweep")
 
@@ -56,16 +58,17 @@ def screen(cfg: TrainConfig) -> dict[str, float]:
     result = fit_data(model, run_data, spec, cfg, device)
     minutes = (time.perf_counter() - start) / 60
     val_labels = run_data.data.labels[run_data.val_idx]
-    val_probs = predict_proba(model, run_data.data.images[run_data.val_idx], spec, device)
+    val_probs = predict_proba(model, run_data.data.images[run_data.val_idx], spec, device, tta=cfg.tta)
     point = operating_point(val_labels, val_probs, cfg.target_sensitivity)
     row = {"device": device.type, "minutes": minutes, "best_epoch": result.best_epoch, "threshold": point.threshold,
            "train_images_per_s": statistics.median(h["train_images_per_s"] for h in result.history)}
     row.update({f"val_{k}": v for k, v in classification_metrics(val_labels, val_probs).items()})
     row["val_op_specificity"] = point.metrics["specificity"]
     for name, folder in external_names(cfg.external_dirs).items():
-        external, logits = score_folder(model, folder, spec, device)
-        row.update({f"external_{name}_{k}": v for k, v in folder_metrics(
-            external.labels, Calibration().probabilities(logits), point.threshold).items()})
+        external, logits = score_folder(TorchEngine(Scorer(model, spec, cfg.tta), device), folder, spec)
+        probs = Calibration().probabilities(logits)
+        row.update({f"external_{name}_{k}": v for k, v in classification_metrics(external.labels, probs, point.threshold).items()})
+        row[f"external_{name}_mean_malignant_probability"] = float(probs.mean())
     return row
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from melanoma.errors import SettingsError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -45,6 +47,6 @@ def architecture(name: str) -> Architecture:
     library, sep, arch = name.partition(":")
     if sep and library in ("timm", "torchvision") and arch:
         return Architecture(name, library, arch)
-    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}, "
+    raise SettingsError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}, "
                      "or timm:NAME / torchvision:NAME for any architecture of those libraries")
 

@@ -26,8 +26,8 @@ from tqdm import tqdm  # noqa: E402
 
 from melanoma.data.combine import load_datasets  # noqa: E402
 from melanoma.data.dataset import PreparedData  # noqa: E402
-from melanoma.data.layout import CLASSES, Source  # noqa: E402
 from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, image_dimensions  # noqa: E402
+from melanoma.data.records import CLASSES, Source  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,9 @@ from melanoma.architectures import ARCHITECTURES
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import cache_dir, prepare_dataset
 from melanoma.data.demo import demo_dataset
-from melanoma.data.layout import Source, discover
+from melanoma.data.layout import discover
 from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, preprocess
+from melanoma.data.records import Source
 from melanoma.engine import OnnxEngine, TorchEngine, checked_engine
 from melanoma.inference import TTA_VIEWS, Scorer, select_device
 from melanoma.memory import glibc_mallopt, recycle_freed_memory

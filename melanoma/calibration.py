@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from melanoma.errors import SettingsError
+
 METHODS = ("temperature", "isotonic", "none")
 ECE_BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -76,7 +78,7 @@ def fit_calibration(method: str, logits: torch.Tensor, labels: np.ndarray) -> Ca
         return fit_isotonic(logits, labels)
     if method == "none":
         return Calibration()
-    raise ValueError(f"calibration must be one of {METHODS}, got {method!r}")
+    raise SettingsError(f"calibration must be one of {METHODS}, got {method!r}")
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:

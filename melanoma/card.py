@@ -12,11 +12,13 @@ import markdown
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from melanoma.errors import SettingsError
+from melanoma.intervals import INTERVAL_METRICS
+
 log = logging.getLogger(__name__)
 
 CARD_FILE = "model_card.md"
 CARD_HTML_FILE = "model_card.html"
-INTERVAL_METRICS = ("auc", "sensitivity", "specificity", "balanced_accuracy")
 FIELD_METRICS = ("pauc_above_80_sensitivity", "average_precision", "specificity_at_90_sensitivity",
                  "specificity_at_95_sensitivity")
 
@@ -230,7 +232,7 @@ def run_id_of(run_or_model: str) -> str:
     if run_or_model.startswith(("runs:/", "models:/")):
         run_id = mlflow.models.get_model_info(run_or_model).run_id
         if not run_id:
-            raise ValueError(f"{run_or_model} does not name a model logged by a run")
+            raise SettingsError(f"{run_or_model} does not name a model logged by a run")
         return run_id
     return run_or_model
 

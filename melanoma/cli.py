@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, CrossvalSettings, TrainConfig, add_config_arguments,
-                             config_from_args)
+from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, CrossvalSettings, SearchSettings, TrainConfig,
+                             add_config_arguments, config_from_args)
 
 
 def use_default_experiment(name: str) -> None:
@@ -186,18 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="Optuna search over training settings, best model registered")
     add_config_arguments(search)
-    search.add_argument("--n_trials", type=int, default=20, help="trials the study should have in total")
-    search.add_argument("--timeout", type=float, default=0, help="stop starting trials after this many seconds")
-    search.add_argument("--storage", default="sqlite:///optuna.db",
-                        help="Optuna storage URL: sqlite:///FILE (workers on one machine) or postgresql://...")
-    search.add_argument("--study_name", default=None, help="empty or left out: melanoma-<model>")
-    search.add_argument("--registered_model", default=REGISTERED_MODEL)
-    search.add_argument("--alias", default=DEFAULT_ALIAS)
-    search.add_argument("--pruner", choices=("median", "none"), default="median")
-    search.add_argument("--params", default="lr,batch_size",
-                        help="settings to search, comma-separated (melanoma.search.SEARCH_SPACE names them)")
-    search.add_argument("--heartbeat", type=int, default=60,
-                        help="seconds between a running trial's heartbeats; a trial silent for 3 of them is retried")
+    add_config_arguments(search, SearchSettings())
     search.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     search.set_defaults(func=cmd_search)
 
@@ -276,12 +265,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mlflow.exceptions import MlflowException
 
-    from melanoma.data.layout import DataError
+    from melanoma.data.preprocessing import InvalidImageError
+    from melanoma.data.records import DataError
+    from melanoma.errors import SettingsError
     from melanoma.models import PretrainedWeightsError
 
     try:
         return args.func(args)
-    except (DataError, PretrainedWeightsError, ValueError, FileNotFoundError, MlflowException) as exc:
+    except (SettingsError, DataError, InvalidImageError, PretrainedWeightsError, FileNotFoundError,
+            MlflowException) as exc:  # the user's input: one line; anything else is a bug and keeps its traceback
+        if args.verbose:
+            logging.exception("error")
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

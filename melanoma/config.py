@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from melanoma.architectures import architecture
+from melanoma.errors import SettingsError
 
 if TYPE_CHECKING:
     from melanoma.data.preprocessing import PreprocessSpec
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 REGISTERED_MODEL = "melanoma-classifier"
 DEFAULT_ALIAS = "champion"
 AUGMENTATIONS = ("none", "flip", "style", "full")
-CALIBRATIONS = ("temperature", "isotonic", "none")
 BALANCES = ("class", "source")
 OPTIMIZERS = ("adamw", "adam")
 PRUNERS = ("median", "none")
@@ -73,49 +73,51 @@ class TrainConfig:
         """Raise ValueError naming the first setting that makes no sense."""
         arch = architecture(self.model)
         if self.drop_path and arch.library != "timm":
-            raise ValueError(f"drop_path is for timm models; {self.model} has no stochastic depth")
+            raise SettingsError(f"drop_path is for timm models; {self.model} has no stochastic depth")
         if self.balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+            raise SettingsError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         from melanoma.data.metadata import parse_label_map
 
         parse_label_map(self.label_map)
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        from melanoma.calibration import METHODS
+
+        if self.calibration not in METHODS:
+            raise SettingsError(f"calibration must be one of {METHODS}, got {self.calibration!r}")
         if self.bootstrap < 0:
-            raise ValueError(f"bootstrap must not be negative, got {self.bootstrap}")
+            raise SettingsError(f"bootstrap must not be negative, got {self.bootstrap}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise SettingsError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+            raise SettingsError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         from melanoma.inference import TTA_VIEWS
 
         if self.tta not in TTA_VIEWS:
-            raise ValueError(f"tta must be one of {tuple(TTA_VIEWS)}, got {self.tta!r}")
+            raise SettingsError(f"tta must be one of {tuple(TTA_VIEWS)}, got {self.tta!r}")
         if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+            raise SettingsError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.img_size < 32:
-            raise ValueError(f"img_size must be at least 32 pixels, got {self.img_size}")
+            raise SettingsError(f"img_size must be at least 32 pixels, got {self.img_size}")
         for name in ("epochs", "batch_size", "patience", "demo_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "backbone_lr_factor"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "warmup_epochs", "freeze_epochs"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
         for name, low, high in (("label_smoothing", 0, 0.5), ("drop_path", 0, 0.9), ("ema", 0, 0.99999),
                                 ("wise_alpha", 0, 1)):
             if not low <= getattr(self, name) <= high:
-                raise ValueError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
         if self.freeze_epochs >= self.epochs:
-            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
+            raise SettingsError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
         if self.wise_alpha < 1 and (self.pretrained.lower() == "false" or arch.library == "melanoma"):
-            raise ValueError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
+            raise SettingsError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise SettingsError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_sensitivity < 1:
-            raise ValueError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
+            raise SettingsError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with, and the logged model serves with."""
@@ -153,11 +155,11 @@ class SearchSettings:
 
     def validate(self) -> None:
         if self.pruner not in PRUNERS:
-            raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
+            raise SettingsError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise SettingsError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.n_trials < 1 or self.heartbeat < 1:
-            raise ValueError(f"n_trials and heartbeat must be positive, got {self.n_trials} and {self.heartbeat}")
+            raise SettingsError(f"n_trials and heartbeat must be positive, got {self.n_trials} and {self.heartbeat}")
 
 
 @dataclass
@@ -169,7 +171,7 @@ class CrossvalSettings:
 
     def validate(self) -> None:
         if self.threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+            raise SettingsError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
 
 
 def parse_bool(text: str | bool) -> bool:

@@ -27,14 +27,15 @@ import numpy as np
 
 from melanoma import tracking
 from melanoma.config import CrossvalSettings, TrainConfig
+from melanoma.data.combine import load_datasets
 from melanoma.data.dataset import cache_dir
 from melanoma.data.demo import demo_dataset
-from melanoma.data.layout import CLASSES, DataError
-from melanoma.data.combine import load_datasets
-from melanoma.evaluate import Predictions, classification_metrics, threshold_for_sensitivity
+from melanoma.data.records import DataError, missing_classes
+from melanoma.errors import SettingsError
+from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import crossval_figure, sets_figure
-from melanoma.intervals import bootstrap_intervals, interval_metrics
 from melanoma.pipeline import TrainingReport, run_training
+from melanoma.reporting import set_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ def needed_validation_sensitivity(val: Predictions, held: Predictions, target: f
     """The share of the validation melanomas a model must find to find ``target`` of the
     held-out source's melanomas."""
     return sensitivity_at(val, threshold_for_sensitivity(held.labels, held.probs, target))
-
-
-def set_metrics(predictions: Predictions, threshold: float, resamples: int, seed: int) -> dict[str, float]:
-    """A set's metrics at ``threshold`` with 95 % intervals (whole groups resampled)."""
-    p = predictions
-    metrics = {**classification_metrics(p.labels, p.probs, threshold), "threshold": threshold, "count": len(p.labels)}
-    if resamples:
-        metrics.update(interval_metrics(bootstrap_intervals(p.labels, p.probs, threshold, p.groups, resamples, seed)))
-    return metrics
 
 
 def rule_results(children: dict[str, TrainingReport], target: float, resamples: int,
@@ -90,7 +82,7 @@ def travel_sensitivity(children: dict[str, TrainingReport], target: float) -> fl
 def check_sources(cfg: TrainConfig) -> list[str]:
     """The data's sources, each of which can be held out; a clear error or warning where not."""
     if cfg.holdout_source:
-        raise ValueError("crossval holds out every source in turn: leave holdout_source empty")
+        raise SettingsError("crossval holds out every source in turn: leave holdout_source empty")
     demo = {"demo": demo_dataset(cfg.demo_size, cfg.seed, cache_dir())}
     data = load_datasets(cfg.data, cfg.preprocess_spec(), label_map=cfg.label_map, locations=demo)
     sources = sorted(str(s) for s in set(data.sources))
@@ -99,13 +91,11 @@ def check_sources(cfg: TrainConfig) -> list[str]:
                         f"{sources[0]}. Give several datasets (data=a,b,c) or a metadata CSV with a source column")
     for source in sources:
         held = data.sources == source
-        for label, name in enumerate(CLASSES):
-            if not np.any(data.labels[~held] == label):
-                raise DataError(f"without source {source!r} the training data has no {name} images: "
-                                f"it cannot be held out")
-            if not np.any(data.labels[held] == label):
-                log.warning("held-out source %r has no %s images: its AUC is undefined, only its %s is reported",
-                            source, name, "specificity" if label else "sensitivity")
+        for name in missing_classes(data.labels[~held])[:1]:
+            raise DataError(f"without source {source!r} the training data has no {name} images: it cannot be held out")
+        for name in missing_classes(data.labels[held]):
+            log.warning("held-out source %r has no %s images: its AUC is undefined, only its %s is reported",
+                        source, name, "specificity" if name == "malignant" else "sensitivity")
     return sources
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
 from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.errors import SettingsError
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -120,12 +121,6 @@ def source_metrics(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
     return out
 
 
-def folder_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """An evaluation-only set's figures at ``threshold``: never for model selection."""
-    return {**classification_metrics(labels, probs, threshold), "count": len(labels),
-            "mean_malignant_probability": float(np.mean(probs))}
-
-
 def external_names(folders: list[str]) -> dict[str, str]:
     """A metric name per external folder: its own name, or with its parent's when two share a
     name (``/a/test`` and ``/b/test`` become ``a_test`` and ``b_test``)."""
@@ -135,6 +130,6 @@ def external_names(folders: list[str]) -> dict[str, str]:
         if names.count(name) > 1:
             name = f"{Path(folder).resolve().parent.name}_{name}"
         if name in out:
-            raise ValueError(f"two external folders would both be reported as {name!r}: {out[name]} and {folder}")
+            raise SettingsError(f"two external folders would both be reported as {name!r}: {out[name]} and {folder}")
         out[name] = folder
     return out

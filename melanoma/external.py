@@ -15,7 +15,7 @@ import numpy as np
 from melanoma import card, tracking
 from melanoma.evaluate import score_folder
 from melanoma.figures import confusion_figure
-from melanoma.pipeline import log_set
+from melanoma.reporting import log_set
 
 log = logging.getLogger(__name__)
 

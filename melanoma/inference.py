@@ -13,6 +13,7 @@ from torch import nn
 
 from melanoma.calibration import Calibration
 from melanoma.data.preprocessing import PreprocessSpec, normalize
+from melanoma.errors import SettingsError
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -75,7 +76,7 @@ class Scorer(nn.Module):
     def __init__(self, members: nn.Module | list[nn.Module], spec: PreprocessSpec, tta: str = "none"):
         super().__init__()
         if tta not in TTA_VIEWS:
-            raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+            raise SettingsError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.members = nn.ModuleList(members if isinstance(members, (list, tuple)) else [members])
         self.tta = tta
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255, persistent=False)

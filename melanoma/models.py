@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from melanoma.architectures import IMAGENET_MEAN, IMAGENET_STD, Architecture, architecture
+from melanoma.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def build_model(name: str, channels: int = 3, pretrained: str = "false", drop_pa
     """
     arch = architecture(name)
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise SettingsError(f"channels must be 1 or 3, got {channels}")
     if arch.library == "melanoma":
         model = NotebookCNN(channels)
         if pretrained.lower() == "true":  # the default: ImageNet weights where a model has them
@@ -100,7 +101,7 @@ def _timm_model(arch: Architecture, channels: int, pretrained: str, drop_path: f
         model = timm.create_model(arch.arch, pretrained=use_hub, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise ValueError(f"timm has no model {arch.arch!r} (timm.list_models() lists them)") from exc
+            raise SettingsError(f"timm has no model {arch.arch!r} (timm.list_models() lists them)") from exc
         raise
     except OSError as exc:  # huggingface_hub's offline and connection errors are OSErrors
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -147,7 +148,7 @@ def _torchvision_model(arch: Architecture, channels: int, pretrained: str) -> nn
     try:
         model = torchvision.models.get_model(arch.arch, weights=None)
     except ValueError as exc:
-        raise ValueError(f"torchvision has no model {arch.arch!r} (torchvision.models.list_models() lists them)"
+        raise SettingsError(f"torchvision has no model {arch.arch!r} (torchvision.models.list_models() lists them)"
                          ) from exc
     if pretrained.lower() == "true":
         state = _torchvision_imagenet_state(arch.arch)

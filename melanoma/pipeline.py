@@ -18,38 +18,30 @@ import torch
 
 from melanoma import card, tracking
 from melanoma.audit import audit_dataset, audit_figure, public_report
-from melanoma.calibration import Calibration, brier_score, expected_calibration_error, fit_calibration
+from melanoma.calibration import fit_calibration
 from melanoma.checkpoint import RunCheckpoints
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import PreparedData, cache_dir
+from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import read_file
 from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
-from melanoma.data.demo import demo_dataset
+from melanoma.data.training_data import load_data
+from melanoma.engine import checked_engine
 from melanoma.evaluate import (Predictions, classification_metrics, external_names, operating_point, score_folder,
                                source_metrics)
 from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
                               sets_figure)
 from melanoma.gradcam import GradCAM, fit_longest_side, overlay_on_photo, side_by_side
-from melanoma.engine import checked_engine
 from melanoma.inference import Scorer, select_device, to_model_input
-from melanoma.intervals import bootstrap_intervals, interval_metrics
 from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
-from melanoma.train import EpochCallback, fit_data, load_data
+from melanoma.reporting import dataset_params, log_set
+from melanoma.train import EpochCallback, fit_data
 
 log = logging.getLogger(__name__)
 
 PANEL_SIDE = 224  # Grad-CAM examples in a run's figures: the photo's longest side, in pixels
 AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pairs", "cross_split_duplicate_pairs",
                  "conflicting_label_pairs", "copies_across_datasets", "copies_within_datasets")
-
-
-def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
-    params = {"data_digest": data.digest, "data_skipped_files": len(data.skipped)}
-    for split, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx)):
-        params[f"data_{split}_count"] = len(idx)
-        for name, count in data.class_counts(idx).items():
-            params[f"data_{split}_{name}"] = count
-    return params
 
 
 def gradcam_examples(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, probs: np.ndarray,
@@ -85,26 +77,6 @@ def log_audit(cfg: TrainConfig, digest: str, demo: Path) -> None:
     mlflow.set_tag("audit_verdict", report["verdict"][:5000])
     tracking.log_json(public_report(report), "audit/audit.json")
     tracking.log_figure(audit_figure(report), "audit/audit.png")
-
-
-def log_set(name: str, prefix: str, labels: np.ndarray, logits: torch.Tensor, calibration: Calibration,
-            threshold: float, groups: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
-    """One evaluated set's figures at the operating threshold, with 95 % intervals (whole
-    duplicate groups resampled), its calibration before and after, and its ROC and reliability
-    diagram; returns what was logged under ``prefix``."""
-    raw, probs = Calibration().probabilities(logits), calibration.probabilities(logits)
-    metrics = {**classification_metrics(labels, probs, threshold), "count": len(labels),
-               "mean_malignant_probability": float(np.mean(probs)),
-               "ece": expected_calibration_error(labels, probs), "ece_uncalibrated": expected_calibration_error(labels, raw),
-               "brier": brier_score(labels, probs), "brier_uncalibrated": brier_score(labels, raw)}
-    intervals = bootstrap_intervals(labels, probs, threshold, groups, resamples, seed) if resamples else {}
-    metrics.update(interval_metrics(intervals))
-    tracking.log_metrics(metrics, prefix=prefix)
-    tracking.log_figure(reliability_figure(labels, raw, probs, f"calibration, {name}"),
-                        f"evaluation/reliability_{name}.png")
-    if len(set(labels)) == 2:
-        tracking.log_figure(roc_figure(labels, probs, threshold, f"ROC, {name}", intervals), f"evaluation/roc_{name}.png")
-    return metrics
 
 
 def log_report_figures(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, probs: np.ndarray, split: str,
@@ -182,8 +154,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
         relog_missing_epochs(resume["history"])
     result = fit_data(model, run_data, spec, cfg, device, on_epoch_end=report_epoch, on_checkpoint=saver,
                       resume=resume)
-    mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                        "data_skipped_files": len(data.skipped)})
+    mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
     log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
     tracking.log_figure(history_figure(result.history), "training/history.png")
 

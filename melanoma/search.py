@@ -4,9 +4,12 @@ child run per trial.
     mlflow run . -e search -P n_trials=20 --env-manager local
     melanoma search --n_trials 20 --params lr,batch_size,backbone_lr_factor
 
-The objective is the best validation AUC of a trial's training run (never the test split).
+The objective is the best validation AUC of a trial's training run (never the test split), or
+with ``objective=crossval_worst_auc`` (``crossval_mean_auc``) the worst (mean) AUC on held-out
+sources of a cross-source validation per trial (``melanoma.crossval``; K+1 trainings a trial).
 Each trial is a child run of the search run with the same params and per-epoch metrics as a
-`main` run; pruned trials end KILLED with the tag ``pruned=true``. The study lives in
+`main` run (a crossval trial's held-out runs are its children); pruned trials end KILLED with
+the tag ``pruned=true``. The study lives in
 ``storage`` (an Optuna URL, SQLite by default): run the same command again after an
 interruption and the study resumes, finishing the remaining trials. The best trial's model is
 registered and the alias moved to it.
@@ -35,8 +38,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimi
 from optuna.trial import TrialState
 
 from melanoma import tracking
+from melanoma.config import SearchSettings, TrainConfig, config_from_args
 from melanoma.distributed import fail_orphaned_trials, make_storage, study_lock
-from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, TrainConfig, config_from_args
+from melanoma.errors import SettingsError
 from melanoma.pipeline import run_training
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,6 @@ SEARCH_SPACE: dict[str, Callable[[optuna.Trial], float]] = {
     "ema": lambda t: t.suggest_categorical("ema", (0.0, 0.99, 0.999)),
     "freeze_epochs": lambda t: t.suggest_int("freeze_epochs", 0, 2),
 }
-DEFAULT_SEARCH = "lr,batch_size"
-OBJECTIVE = "val_auc"
-PRUNERS = ("median", "none")
 
 
 def search_params(text: str) -> list[str]:
@@ -64,7 +65,7 @@ def search_params(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SEARCH_SPACE]
     if unknown or not names:
-        raise ValueError(f"cannot search {unknown or text!r}: choose from {', '.join(SEARCH_SPACE)}")
+        raise SettingsError(f"cannot search {unknown or text!r}: choose from {', '.join(SEARCH_SPACE)}")
     return names
 
 
@@ -76,18 +77,22 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)  # steps are epochs from 1
 
 
-def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, params: list[str]):
+def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, params: list[str], objective_name: str):
     def objective(trial: optuna.Trial) -> float:
         cfg = dataclasses.replace(base, **{name: SEARCH_SPACE[name](trial) for name in params})
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics[OBJECTIVE], step=epoch)
+            trial.report(metrics["val_auc"], step=epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} ({OBJECTIVE} {metrics[OBJECTIVE]:.4f})")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_auc {metrics['val_auc']:.4f})")
 
         with mlflow.start_run(run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({"optuna_study": study_name, "optuna_trial": trial.number})
+            if objective_name.startswith("crossval_"):  # no epochs to prune on: K trainings, then the final one
+                from melanoma.crossval import run_crossval
+
+                return run_crossval(cfg)[objective_name]
             try:
                 summary = run_training(cfg, on_epoch_end=report, checkpoints=False).summary  # a killed trial reruns whole
             except optuna.TrialPruned:
@@ -100,7 +105,7 @@ def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, param
     return objective
 
 
-def log_study(study: optuna.Study) -> dict:
+def log_study(study: optuna.Study, objective: str) -> dict:
     """The search run's record: best trial, history and importance plots, trial counts."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
@@ -110,7 +115,7 @@ def log_study(study: optuna.Study) -> dict:
     mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-    mlflow.log_metrics({f"best_{OBJECTIVE}": best.value, "best_trial": best.number,
+    mlflow.log_metrics({f"best_{objective}": best.value, "best_trial": best.number,
                         "epochs_total": sum(len(t.intermediate_values) for t in study.trials)})
     plots = [("search/optimization_history.png", optuna_plots.plot_optimization_history)]
     if counts["complete"] >= 2:
@@ -122,7 +127,7 @@ def log_study(study: optuna.Study) -> dict:
         fig.tight_layout()
         mlflow.log_figure(fig, artifact)
         plt.close(fig)
-    return {"best_trial": best.number, f"best_{OBJECTIVE}": best.value, **best.params, **counts}
+    return {"best_trial": best.number, f"best_{objective}": best.value, **best.params, **counts}
 
 
 def parent_run_for(study: optuna.Study) -> str | None:
@@ -190,7 +195,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     study.tell(trial, value)
 
 
-def register_once(study: optuna.Study, storage_url: str, registered_model: str, alias: str) -> str:
+def register_once(study: optuna.Study, storage_url: str, registered_model: str, alias: str, objective: str) -> str:
     """Register the best trial's model unless a worker already did at this number of finished
     trials; returns the version."""
     with study_lock(storage_url, study.study_name):
@@ -200,20 +205,19 @@ def register_once(study: optuna.Study, storage_url: str, registered_model: str, 
             return previous["version"]
         best_run = study.best_trial.user_attrs["mlflow_run_id"]
         version = tracking.register_run_model(best_run, registered_model, alias, tags={
-            "metric": OBJECTIVE, "value": f"{study.best_value:.6f}", "study": study.study_name, "run": best_run})
+            "metric": objective, "value": f"{study.best_value:.6f}", "study": study.study_name, "run": best_run})
         study.set_user_attr("registered", {"finished": done, "version": version.version})
         return version.version
 
 
-def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name: str | None = None,
-               timeout: float = 0, registered_model: str = REGISTERED_MODEL,
-               alias: str = DEFAULT_ALIAS, pruner: str = "median", params: str = DEFAULT_SEARCH,
-               heartbeat: int = 60) -> dict:
-    """Work on (or resume) the study until it has ``n_trials`` finished trials, with any number
-    of other workers; register the best once."""
+def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -> dict:
+    """Work on (or resume) the study until it has ``settings.n_trials`` finished trials, with any
+    number of other workers; register the best once."""
     base.validate()
-    searched = search_params(params)
-    study_name = study_name or f"melanoma-{base.model}"
+    settings.validate()
+    searched = search_params(settings.params)
+    study_name = settings.study_name or f"melanoma-{base.model}"
+    storage_url, n_trials, heartbeat = settings.storage, settings.n_trials, settings.heartbeat
     with study_lock(storage_url, study_name):  # the first worker creates Optuna's tables and the study
         storage = make_storage(storage_url, heartbeat)
         study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
@@ -221,7 +225,7 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
         study.set_user_attr("workers_started", worker + 1)
     # Each worker samples from its own seed (the same one would repeat the others' first trials);
     # constant_liar keeps TPE from proposing what another worker is running.
-    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner),
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(settings.pruner),
                               sampler=optuna.samplers.TPESampler(seed=base.seed + worker, constant_liar=True))
     log.info("study %s: %d of %d trials finished", study_name, finished(trial_counts(study)), n_trials)
 
@@ -231,10 +235,11 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
         tracking.log_new_params({"study_name": study_name, "storage": safe_url(storage_url),
-                                 "pruner": pruner, "objective": OBJECTIVE, "searched": ",".join(searched),
+                                 "pruner": settings.pruner, "objective": settings.objective,
+                                 "searched": ",".join(searched),
                                  **{f"base_{k}": v for k, v in base.to_params().items()}})
-        objective = make_objective(base, parent.info.run_id, study_name, searched)
-        deadline = time.monotonic() + timeout if timeout else math.inf
+        objective = make_objective(base, parent.info.run_id, study_name, searched, settings.objective)
+        deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
         while time.monotonic() < deadline:
             trial = claim_trial(study, storage, storage_url, n_trials)
             if trial is False:
@@ -243,16 +248,13 @@ def run_search(base: TrainConfig, *, n_trials: int, storage_url: str, study_name
                 time.sleep(min(heartbeat, 5))  # the others' trials: wait for them to end (or go stale)
                 continue
             run_trial(study, trial, objective)
-        summary = log_study(study)
-        version = register_once(study, storage_url, registered_model, alias)
-        mlflow.set_tags({"registered_model": registered_model, "registered_version": version})
+        summary = log_study(study, settings.objective)
+        version = register_once(study, storage_url, settings.registered_model, settings.alias, settings.objective)
+        mlflow.set_tags({"registered_model": settings.registered_model, "registered_version": version})
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     return {**summary, "study_name": study_name, "best_run_id": best_run,
-            "registered": f"models:/{registered_model}/{version}", "alias": alias}
+            "registered": f"models:/{settings.registered_model}/{version}", "alias": settings.alias}
 
 
 def search_from_args(args: argparse.Namespace) -> dict:
-    return run_search(config_from_args(args), n_trials=args.n_trials, storage_url=args.storage,
-                      study_name=args.study_name, timeout=args.timeout,
-                      registered_model=args.registered_model, alias=args.alias, pruner=args.pruner,
-                      params=args.params, heartbeat=args.heartbeat)
+    return run_search(config_from_args(args), config_from_args(args, SearchSettings))

@@ -26,9 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from melanoma.calibration import Calibration
-from melanoma.data.layout import CLASSES
 from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, Region, decode_for_model, decode_image,
                                          model_region, preprocess)
+from melanoma.data.records import CLASSES
 from melanoma.engine import OnnxEngine, TorchEngine, onnx_usable
 from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
 from melanoma.inference import TTA_VIEWS, Scorer, select_device, to_model_input

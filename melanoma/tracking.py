@@ -18,8 +18,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import melanoma
-from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
 from melanoma.calibration import Calibration
+from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
 from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.engine import ONNX_FILE
 from melanoma.serving import SETTINGS_FILE, WEIGHTS_FILE
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(melanoma.__file__).parent
 # The served model's code: the serving path alone (tests/test_serving.py checks that it imports
 # nothing else of the package), and the packages it imports.
-SERVING_MODULES = ("__init__.py", "architectures.py", "models.py", "inference.py", "engine.py", "calibration.py",
-                   "gradcam.py", "serving.py", "pyfunc_model.py", "data/__init__.py", "data/layout.py",
+SERVING_MODULES = ("__init__.py", "architectures.py", "errors.py", "models.py", "inference.py", "engine.py", "calibration.py",
+                   "gradcam.py", "serving.py", "pyfunc_model.py", "data/__init__.py", "data/records.py",
                    "data/preprocessing.py")
 SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "onnxruntime")
 

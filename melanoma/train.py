@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,13 +20,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from melanoma.config import TrainConfig
-from melanoma.data.combine import load_datasets, parse_datasets
-from melanoma.data.dataset import PreparedData, cache_dir, split_train_val
-from melanoma.data.demo import demo_dataset
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.evaluate import classification_metrics
 from melanoma.calibration import Calibration
+from melanoma.config import TrainConfig
+from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.data.training_data import TrainingData
+from melanoma.evaluate import classification_metrics
 from melanoma.inference import amp_dtype, autocast, predict_logits, to_model_input
 from melanoma.memory import recycle_freed_memory
 from melanoma.models import classifier_head
@@ -201,38 +198,6 @@ def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch
     backbone plus ``1 - alpha`` of the pretrained one; the new head keeps its trained weights."""
     return {k: v if k in head_keys or not v.is_floating_point() else alpha * v + (1 - alpha) * initial[k].to(v)
             for k, v in final.items()}
-
-
-@dataclass
-class TrainingData:
-    """A run's decoded datasets, its train/validation split, and the held-out source's images."""
-
-    locations: list[Path]
-    synthetic: bool
-    data: PreparedData
-    fit_idx: np.ndarray
-    val_idx: np.ndarray
-    holdout_idx: np.ndarray
-
-
-def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainingData:
-    """Find, decode (through the cache), combine and split ``cfg.data``; with ``holdout_source``
-    that source's images are kept out of training and validation."""
-    entries = parse_datasets(cfg.data)
-    demo = {"demo": demo_dataset(cfg.demo_size, cfg.seed, cache_dir())}
-    data = load_datasets(cfg.data, spec, label_map=cfg.label_map, locations=demo)
-    pool, holdout = data.indices("train"), np.empty(0, dtype=np.int64)
-    if cfg.holdout_source:
-        sources = sorted(set(data.sources))
-        if cfg.holdout_source not in sources:
-            raise ValueError(f"holdout_source {cfg.holdout_source!r} is none of the data's sources: {sources}")
-        left_out = data.sources == cfg.holdout_source
-        holdout, pool = np.flatnonzero(left_out), pool[~left_out[pool]]
-        if not len(pool):
-            raise ValueError(f"holding out {cfg.holdout_source!r} leaves nothing to train on")
-    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed, pool)
-    return TrainingData([demo.get(path, Path(path)) for _, path in entries], "demo" in dict(entries).values(),
-                        data, fit_idx, val_idx, holdout)
 
 
 def fit_data(model: nn.Module, data: TrainingData, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,

@@ -4,35 +4,30 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melanoma.config import TrainConfig, parse_bool
+from melanoma.config import CrossvalSettings, SearchSettings, TrainConfig, parse_bool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mlproject_main_parameters_match_the_settings_object():
-    project = yaml.safe_load((ROOT / "MLproject").read_text())
-    main = project["entry_points"]["main"]
-    cfg = TrainConfig()
-    assert set(main["parameters"]) == {f.name for f in fields(TrainConfig)} | {"resume"}
-    assert "--resume {resume}" in main["command"]
-    for name, spec in {k: v for k, v in main["parameters"].items() if k != "resume"}.items():
-        default = getattr(cfg, name)
-        expected = str(default).lower() if isinstance(default, bool) else default
-        assert spec["default"] == expected, name
-        assert f"--{name} {{{name}}}" in main["command"]
+def mlflow_default(value):
+    """A setting's default as MLproject writes it (booleans as lower-case strings)."""
+    return str(value).lower() if isinstance(value, bool) else value
 
 
-def test_mlproject_search_takes_the_settings_and_search_parameters():
-    search = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
-    required = {"model", "data", "n_trials", "timeout", "epochs", "img_size", "channels", "storage",
-                "study_name", "registered_model", "alias"}
-    assert required <= set(search["parameters"])
-    cfg, settings = TrainConfig(), {f.name for f in fields(TrainConfig)}
-    for name, spec in search["parameters"].items():
-        assert f"{{{name}}}" in search["command"]
-        if name in settings:  # the search starts from main's defaults
-            default = getattr(cfg, name)
-            assert spec["default"] == (str(default).lower() if isinstance(default, bool) else default), name
+@pytest.mark.parametrize("entry, settings, extra", [
+    ("main", (TrainConfig(),), {"resume"}),
+    ("search", (TrainConfig(), SearchSettings()), set()),
+    ("crossval", (TrainConfig(), CrossvalSettings()), set()),
+])
+def test_mlproject_entry_points_take_their_settings_objects(entry, settings, extra):
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    expected = {f.name: getattr(s, f.name) for s in settings for f in fields(s)}
+    assert set(spec["parameters"]) == set(expected) | extra
+    for name, default in expected.items():
+        assert spec["parameters"][name]["default"] == mlflow_default(default), name
+        assert f"--{name} {{{name}}}" in spec["command"], name
+    for name in extra:
+        assert f"--{name} {{{name}}}" in spec["command"], name
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -74,3 +69,28 @@ def test_conda_env_installs_what_the_package_and_its_team_extra_need():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert {p.split("  #")[0] for p in pip} == set(project["dependencies"]) | set(project["optional-dependencies"]["team"])
+
+
+def test_preprocessing_defaults_are_the_training_defaults():
+    from melanoma.data.preprocessing import PreprocessSpec
+
+    spec, cfg = PreprocessSpec(), TrainConfig()
+    for name in ("img_size", "channels", "color_constancy", "mask_corners", "crop_lesion"):
+        assert getattr(spec, name) == getattr(cfg, name), name
+
+
+def test_the_command_reports_bad_settings_in_one_line_and_lets_bugs_surface(monkeypatch, tmp_path, capsys):
+    import melanoma.data.demo
+    from melanoma import cli
+
+    assert cli.main(["train", "--model", "vgg"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown model 'vgg': choose one of cnn, resnet18, efficientnet_lite0, efficientnet_lite1, "
+        "efficientnet_lite2, or timm:NAME / torchvision:NAME for any architecture of those libraries"]
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(melanoma.data.demo, "make_demo_dataset", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["demo-data", str(tmp_path / "demo")])

@@ -14,11 +14,11 @@ from melanoma.config import CrossvalSettings, TrainConfig
 from melanoma.crossval import needed_validation_sensitivity, rule_results, run_crossval, travel_sensitivity
 from melanoma.data.combine import load_datasets
 from melanoma.data.demo import make_demo_dataset
-from melanoma.data.layout import DataError
 from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.data.records import DataError
+from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions
 from melanoma.pipeline import TrainingReport
-from melanoma.train import load_data
 
 from .test_datasets import write_metadata_dataset
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from melanoma import search
 from melanoma.servers import model_server, ping
-from melanoma.config import TrainConfig
+from melanoma.config import SearchSettings, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="cnn", epochs=2, img_size=32, demo_size=16, gradcam_images=4, batch_size=16, bootstrap=100)
@@ -58,7 +58,7 @@ def test_mlflow_run_trains_and_logs_everything(tmp_path):
                    "val_specificity", "lr", "train_images_per_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
     for metric in ("test_accuracy", "test_balanced_accuracy", "test_auc", "test_sensitivity", "test_specificity",
-                   "test_f1", "test_op_specificity", "threshold", "data_skipped_files"):
+                   "test_f1", "test_op_specificity", "threshold"):
         assert metric in run.data.metrics, metric
     artifacts = [a.path for folder in ("evaluation", "gradcam") for a in client.list_artifacts(run.info.run_id, folder)]
     assert any("confusion" in a for a in artifacts) and any("roc" in a for a in artifacts)
@@ -173,20 +173,20 @@ class PruneAfterFirstEpoch(optuna.pruners.BasePruner):
 def test_pruned_trials_end_killed_and_an_interrupted_search_resumes(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     base = TrainConfig(**{**TINY, "epochs": 1})
-    search.run_search(base, n_trials=1, storage_url=storage, study_name="resume")
+    search.run_search(base, SearchSettings(n_trials=1, storage=storage, study_name="resume"))
 
     # A crash mid-trial leaves the trial RUNNING in the storage.
     study = optuna.load_study(study_name="resume", storage=storage)
     study.ask()
-    summary = search.run_search(base, n_trials=2, storage_url=storage, study_name="resume")
+    summary = search.run_search(base, SearchSettings(n_trials=2, storage=storage, study_name="resume"))
     study = optuna.load_study(study_name="resume", storage=storage)
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1 and "RUNNING" not in states
     assert summary["complete"] == 2
-    assert search.run_search(base, n_trials=2, storage_url=storage, study_name="resume")["complete"] == 2
+    assert search.run_search(base, SearchSettings(n_trials=2, storage=storage, study_name="resume"))["complete"] == 2
 
     monkeypatch.setattr(search, "make_pruner", lambda name: PruneAfterFirstEpoch())
-    summary = search.run_search(TrainConfig(**TINY), n_trials=3, storage_url=storage, study_name="resume")
+    summary = search.run_search(TrainConfig(**TINY), SearchSettings(n_trials=3, storage=storage, study_name="resume"))
     assert summary["pruned"] == 1
     client = MlflowClient()
     pruned = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.pruned = 'true'")

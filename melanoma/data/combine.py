@@ -25,9 +25,10 @@ import cv2
 import numpy as np
 
 from melanoma.data.dataset import PreparedData, prepare_dataset
-from melanoma.data.layout import CLASSES, DataError
 from melanoma.data.metadata import DEFAULT_LABEL_MAP
 from melanoma.data.preprocessing import PreprocessSpec
+from melanoma.data.records import DataError, missing_classes
+from melanoma.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ def parse_datasets(text: str) -> list[tuple[str, str]]:
     names = [n for n, _ in entries]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ValueError(f"two datasets are both named {', '.join(duplicated)}: name them, e.g. clinic_a:/path")
+        raise SettingsError(f"two datasets are both named {', '.join(duplicated)}: name them, e.g. clinic_a:/path")
     if not entries:
-        raise ValueError("no dataset given")
+        raise SettingsError("no dataset given")
     return entries
 
 
@@ -103,11 +104,9 @@ def load_datasets(text: str, spec: PreprocessSpec, require_train: bool = True, l
         parts.append((name, data))
         hashes.append(fingerprints(location, data.paths, require_train, label_map))
     combined = concatenate([data for _, data in parts])
-    if require_train:
-        for label, name in enumerate(CLASSES):
-            if not np.any((combined.labels == label) & (combined.splits == "train")):
-                raise DataError(f"the training data ({text}) has no {name} images; with a metadata CSV, check the "
-                                f"label map {label_map or DEFAULT_LABEL_MAP!r}")
+    for name in missing_classes(combined.labels[combined.splits == "train"])[:1] if require_train else []:
+        raise DataError(f"the training data ({text}) has no {name} images; with a metadata CSV, check the "
+                        f"label map {label_map or DEFAULT_LABEL_MAP!r}")
     hashes = np.concatenate(hashes)
     dataset_of = np.concatenate([np.full(len(d.labels), k) for k, (_, d) in enumerate(parts)])
     knows_lesions = [bool(np.any(d.groups != np.asarray(d.paths))) for _, d in parts]

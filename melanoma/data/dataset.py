@@ -17,8 +17,9 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from melanoma.data.layout import CLASSES, EXPECTED_LAYOUT, DataError, ImageRecord, Source, discover
+from melanoma.data.layout import discover
 from melanoma.data.preprocessing import PREPROCESS_VERSION, InvalidImageError, PreprocessSpec, load_for_model
+from melanoma.data.records import CLASSES, EXPECTED_LAYOUT, DataError, ImageRecord, Source, missing_classes
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,10 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
 
 
 def _check_train_classes(decoded: dict, source: Source) -> None:
-    for label, name in enumerate(CLASSES):
-        if not np.any((decoded["labels"] == label) & (decoded["splits"] == "train")):
-            raise DataError(f"class {name!r} has no readable images in train/{name} of {source.location}; "
-                            f"{len(decoded['skipped'])} files there or elsewhere could not be decoded. "
-                            f"{EXPECTED_LAYOUT}.")
+    for name in missing_classes(np.asarray(decoded["labels"])[np.asarray(decoded["splits"]) == "train"])[:1]:
+        raise DataError(f"class {name!r} has no readable images in train/{name} of {source.location}; "
+                        f"{len(decoded['skipped'])} files there or elsewhere could not be decoded. "
+                        f"{EXPECTED_LAYOUT}.")
 
 
 def _write_cache(entry: Path, images: np.ndarray, meta: dict) -> None:

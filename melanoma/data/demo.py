@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from melanoma.data.layout import CLASSES
+from melanoma.data.records import CLASSES
 
 SKIN_TONES = np.array([[224, 186, 160], [205, 160, 130], [180, 130, 100], [235, 200, 180]], np.float32)
 LESION_BROWNS = np.array([[120, 75, 50], [95, 60, 40], [140, 95, 65]], np.float32)

@@ -14,7 +14,8 @@ import logging
 from collections import Counter
 from pathlib import PurePosixPath
 
-from melanoma.data.layout import CLASSES, DataError, ImageRecord, Source
+from melanoma.data.records import CLASSES, DataError, ImageRecord, Source
+from melanoma.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def parse_label_map(text: str) -> dict[str, int]:
     for pair in (text or DEFAULT_LABEL_MAP).split(","):
         dx, sep, name = (part.strip().lower() for part in pair.partition(":"))
         if not sep or not dx or name not in CLASSES:
-            raise ValueError(f"bad label map entry {pair.strip()!r}: expected diagnosis:benign or diagnosis:malignant")
+            raise SettingsError(f"bad label map entry {pair.strip()!r}: expected diagnosis:benign or diagnosis:malignant")
         mapping[dx] = CLASSES.index(name)
     return mapping
 

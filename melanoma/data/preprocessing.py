@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from melanoma.architectures import IMAGENET_MEAN, IMAGENET_STD
+
 # Bump when preprocessing changes, so cached arrays made by older code are not reused.
 PREPROCESS_VERSION = 3
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = 50_000_000
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InvalidImageError(ValueError):
@@ -48,13 +47,14 @@ class Region(NamedTuple):
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Settings that turn a decoded image into model input; stored with every logged model."""
+    """Settings that turn a decoded image into model input; stored with every logged model. The
+    defaults are TrainConfig's (a test keeps them in step)."""
 
-    img_size: int = 128
+    img_size: int = 96
     channels: int = 3
-    color_constancy: bool = True
+    color_constancy: bool = False
     mask_corners: bool = False
-    crop_lesion: bool = False
+    crop_lesion: bool = True
     rgb_mean: tuple[float, ...] = IMAGENET_MEAN  # the RGB statistics the model's weights expect
     rgb_std: tuple[float, ...] = IMAGENET_STD
 
