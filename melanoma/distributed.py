@@ -1,5 +1,8 @@
 """Several search workers on one Optuna study: shared storage, heartbeats, a study-wide lock.
 
+Optuna's public API only (storages' ``record_heartbeat`` and trial-id lookups, trial user
+attributes): its heartbeat thread and tables are private and may change in any release.
+
 Workers on one machine share SQLite; workers on several machines share PostgreSQL (or any
 database SQLAlchemy reaches). Each running trial records a heartbeat; a trial whose worker died
 (SIGKILL, a lost machine) stops beating, is marked FAIL after the grace period by whichever
@@ -15,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 2  # a trial whose worker dies is run again at most this often
+CLAIMED = "claimed"  # user attribute of every trial a worker started (under the study lock)
 
 
 class StaleTrialCallback(RetryHeartbeatStaleTrialCallback):
@@ -85,14 +90,44 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
         engine.dispose()
 
 
+def trial_id(storage: RDBStorage, study: optuna.Study, number: int) -> int:
+    """The storage's id of the study's trial ``number`` (what heartbeats are recorded under)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def start_trial(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
+    """A new trial, marked as a worker's and beating at once. Call under ``study_lock``."""
+    trial = study.ask()
+    trial.set_user_attr(CLAIMED, True)
+    storage.record_heartbeat(trial_id(storage, study, trial.number))
+    return trial
+
+
+@contextlib.contextmanager
+def heartbeats(storage: RDBStorage, study: optuna.Study, number: int) -> Iterator[None]:
+    """Record the trial's heartbeat every heartbeat interval for the duration of the block (as
+    ``study.optimize`` does; ask-and-tell has none)."""
+    stop, key = threading.Event(), trial_id(storage, study, number)
+
+    def beat() -> None:
+        while not stop.wait(storage.get_heartbeat_interval()):
+            storage.record_heartbeat(key)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def fail_orphaned_trials(study: optuna.Study, storage: RDBStorage) -> int:
-    """RUNNING trials that never sent a heartbeat (left by a process without heartbeats, which
-    Optuna's stale-trial check skips) become FAIL. Call under ``study_lock``: every live
-    worker's trial beats from the moment it is created there."""
-    with storage.engine.connect() as connection:  # Optuna's own table of heartbeats
-        beating = set(connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")).scalars())
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in beating]
+    """RUNNING trials no worker started (left by a process without heartbeats, e.g. a bare
+    ``study.ask()``, which Optuna's stale-trial check skips) become FAIL. Call under
+    ``study_lock``: a worker's trial is marked and beating from the moment it is created there."""
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if CLAIMED not in t.user_attrs]
     for trial in orphans:
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        storage.set_trial_state_values(trial_id(storage, study, trial.number), TrialState.FAIL)
         end_trial_run(trial, "left running without heartbeats by an earlier process")
     return len(orphans)

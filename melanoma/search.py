@@ -34,12 +34,11 @@ from collections.abc import Callable
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
-from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask-and-tell has none
 from optuna.trial import TrialState
 
 from melanoma import tracking
 from melanoma.config import SearchSettings, TrainConfig, config_from_args
-from melanoma.distributed import fail_orphaned_trials, make_storage, study_lock
+from melanoma.distributed import fail_orphaned_trials, heartbeats, make_storage, start_trial, study_lock
 from melanoma.errors import SettingsError
 from melanoma.pipeline import run_training
 
@@ -172,14 +171,13 @@ def claim_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, storag
         if finished(counts) + counts[TrialState.RUNNING] + counts[TrialState.WAITING] >= n_trials \
                 and not counts[TrialState.WAITING]:
             return True
-        trial = study.ask()
-        storage.record_heartbeat(trial._trial_id)  # beating before the lock is released
-        return trial
+        return start_trial(study, storage)  # beating before the lock is released
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> None:
+def run_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial,
+              objective: Callable[[optuna.Trial], float]) -> None:
     """The objective with heartbeats, its outcome told to the study (as ``study.optimize`` does)."""
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeats(storage, study, trial.number):
         try:
             value = objective(trial)
         except optuna.TrialPruned:
@@ -247,7 +245,7 @@ def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -
             if trial is True:
                 time.sleep(min(heartbeat, 5))  # the others' trials: wait for them to end (or go stale)
                 continue
-            run_trial(study, trial, objective)
+            run_trial(study, storage, trial, objective)
         summary = log_study(study, settings.objective)
         version = register_once(study, storage_url, settings.registered_model, settings.alias, settings.objective)
         mlflow.set_tags({"registered_model": settings.registered_model, "registered_version": version})

@@ -217,27 +217,107 @@ class FitResult:
     stopped_early: bool = False
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                scaler: torch.amp.GradScaler, ema: AveragedModel | None, images: torch.Tensor, labels: torch.Tensor,
-                weights: torch.Tensor, spec: PreprocessSpec, cfg: TrainConfig, generator: torch.Generator,
-                device: torch.device, desc: str) -> tuple[float, float]:
+def train_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                spec: PreprocessSpec, device: torch.device, desc: str) -> tuple[float, float]:
     """One shuffled pass over uint8 ``images``, stepping the scheduler (and the EMA) per batch;
     returns the mean loss and accuracy on the augmented batches."""
-    model.train()
-    order = torch.randperm(len(images), generator=generator)
+    cfg = state.cfg
+    state.model.train()
+    order = torch.randperm(len(images), generator=state.generator)
     total_loss, correct = 0.0, 0
     bar = tqdm(range(0, len(images), cfg.batch_size), desc=desc, unit="batch", leave=False)
     for start in bar:
         idx = order[start:start + cfg.batch_size]
-        x, y = make_batch(images[idx], labels[idx], spec, cfg.augment, generator, device)
-        loss, logits = train_step(model, optimizer, scaler, x, y, weights[idx].to(device), device, cfg.label_smoothing)
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        x, y = make_batch(images[idx], labels[idx], spec, cfg.augment, state.generator, device)
+        loss, logits = train_step(state.model, state.optimizer, state.scaler, x, y, weights[idx].to(device), device,
+                                  cfg.label_smoothing)
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
         total_loss += loss * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         bar.set_postfix(loss=f"{loss:.3f}")
     return total_loss / len(images), correct / len(images)
+
+
+class TrainingState:
+    """Everything the loop carries from epoch to epoch: the model, optimiser, schedule, loss
+    scaler, weight EMA, the batch generator's RNG, early-stopping bookkeeping and history. Saved
+    and restored as one state dict (as torchvision's references and timm keep theirs), so a
+    resumed run repeats the uninterrupted one exactly."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
+        self.model, self.cfg = model, cfg
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
+        self.scaler = grad_scaler(device)
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.initial = copy.deepcopy(model.state_dict()) if cfg.wise_alpha < 1 else None
+        self.epoch = 0
+        self.result = FitResult(best_epoch=0, best_val_auc=-math.inf)
+        self.best_state = copy.deepcopy(self.evaluated.state_dict())
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validated and kept: the moving average with ``ema``, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def record(self, epoch: int, metrics: dict[str, float]) -> None:
+        """An epoch's metrics; the evaluated weights are kept when validation AUC improved."""
+        self.epoch = epoch
+        self.result.history.append(metrics)
+        if metrics["val_auc"] > self.result.best_val_auc:
+            self.result.best_epoch, self.result.best_val_auc = epoch, metrics["val_auc"]
+            self.best_state = copy.deepcopy(self.evaluated.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "initial": self.initial, "best_epoch": self.result.best_epoch,
+                "best_val_auc": self.result.best_val_auc, "history": self.result.history,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.initial, self.epoch, self.best_state = state["initial"], state["epoch"], state["best_state"]
+        self.result = FitResult(state["best_epoch"], state["best_val_auc"], list(state["history"]))
+
+    def finish(self) -> FitResult:
+        """Load the kept weights into the model (mixed back towards the pretrained ones with
+        ``wise_alpha`` < 1) and return the result."""
+        set_backbone_trainable(self.model, True)
+        best = self.best_state
+        if self.initial is not None:
+            head = classifier_head(self.model)
+            head_keys = {f"{name}.{k}" for name, m in self.model.named_modules() if m is head for k in m.state_dict()}
+            best = interpolate_weights(self.initial, best, self.cfg.wise_alpha, head_keys)
+        self.model.load_state_dict(best)
+        return self.result
+
+
+def validate_epoch(model: nn.Module, images: np.ndarray, labels: np.ndarray, loss_weights: torch.Tensor,
+                   spec: PreprocessSpec, device: torch.device) -> dict[str, float]:
+    """Validation figures at 0.5, on the raw (uncalibrated) probabilities."""
+    logits = predict_logits(model, images, spec, device)
+    val = classification_metrics(labels, Calibration().probabilities(logits))
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return {"val_auc": val["auc"], "val_loss": F.cross_entropy(logits, targets, weight=loss_weights).item(),
+            "val_accuracy": val["accuracy"], "val_sensitivity": val["sensitivity"],
+            "val_specificity": val["specificity"]}
 
 
 def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
@@ -248,100 +328,42 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     (loaded into ``model`` at the end), stop after ``patience`` epochs without improvement.
 
     Each image's loss weight balances the classes (``balance=class``) or the source x class
-    cells (``balance=source``, with ``train_sources``). With ``ema`` the averaged weights are the
-    ones validated and kept; with ``wise_alpha`` < 1
-    the kept weights are mixed back towards the initial (pretrained) ones at the end.
-    ``on_epoch_end(epoch, metrics)`` may raise to stop (e.g. pruning).
-
-    After each epoch ``on_checkpoint`` gets the whole training state (``training_state``);
-    ``fit(..., resume=state)`` continues from it exactly where the run left off: the same
-    seed gives the same per-epoch metrics as a run that was never stopped.
+    cells (``balance=source``, with ``train_sources``). ``on_epoch_end(epoch, metrics)`` may
+    raise to stop (e.g. pruning). After each epoch ``on_checkpoint`` gets the whole
+    ``TrainingState.state_dict()``; ``fit(..., resume=state)`` continues from it exactly.
     """
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device).to(memory_format=torch.channels_last)
-    initial = copy.deepcopy(model.state_dict()) if cfg.wise_alpha < 1 else None
     images = torch.from_numpy(np.ascontiguousarray(train_images))
     labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     weights = sample_weights(train_labels, train_sources if cfg.balance == "source" else None)
     val_weights = class_weights(np.asarray(train_labels))
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
-    scaler = grad_scaler(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    evaluated = ema.module if ema is not None else model
-    val_targets = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
-
-    result = FitResult(best_epoch=0, best_val_auc=-math.inf)
-    best_state = copy.deepcopy(evaluated.state_dict())
-    first_epoch = 1
+    state = TrainingState(model, cfg, math.ceil(len(images) / cfg.batch_size), device)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if torch.cuda.is_available() and resume.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        initial = resume.get("initial", initial)
-        result = FitResult(resume["best_epoch"], resume["best_val_auc"], list(resume["history"]))
-        best_state, first_epoch = resume["best_state"], resume["epoch"] + 1
-        log.info("resuming after epoch %d of %d", resume["epoch"], cfg.epochs)
+        state.load_state_dict(resume)
+        log.info("resuming after epoch %d of %d", state.epoch, cfg.epochs)
     with recycle_freed_memory():
-        for epoch in range(first_epoch, cfg.epochs + 1):
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
             start = time.perf_counter()
             set_backbone_trainable(model, epoch > cfg.freeze_epochs)
-            current_lr = max(g["lr"] for g in optimizer.param_groups)
-            train_loss, train_accuracy = train_epoch(model, optimizer, scheduler, scaler, ema, images, labels, weights,
-                                                     spec, cfg, generator, device, f"epoch {epoch}/{cfg.epochs}")
+            current_lr = max(g["lr"] for g in state.optimizer.param_groups)
+            train_loss, train_accuracy = train_epoch(state, images, labels, weights, spec, device,
+                                                     f"epoch {epoch}/{cfg.epochs}")
             train_seconds = time.perf_counter() - start
-
-            val_logits = predict_logits(evaluated, val_images, spec, device)
-            val = classification_metrics(val_labels, Calibration().probabilities(val_logits))
-            metrics = {  # the objective first: the MLflow UI's compare view plots the first metric first
-                "val_auc": val["auc"],
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "val_loss": F.cross_entropy(val_logits, val_targets, weight=val_weights).item(),
-                "val_accuracy": val["accuracy"],
-                "val_sensitivity": val["sensitivity"],
-                "val_specificity": val["specificity"],
-                "lr": current_lr,
-                "train_images_per_s": len(images) / train_seconds,
-                "epoch_seconds": time.perf_counter() - start,
-            }
-            result.history.append(metrics)
-            log.info("epoch %d: train_loss %.4f val_accuracy %.4f val_auc %.4f (%.0f img/s)", epoch,
-                     metrics["train_loss"], metrics["val_accuracy"], metrics["val_auc"], metrics["train_images_per_s"])
-            if metrics["val_auc"] > result.best_val_auc:
-                result.best_epoch, result.best_val_auc = epoch, metrics["val_auc"]
-                best_state = copy.deepcopy(evaluated.state_dict())
+            val = validate_epoch(state.evaluated, val_images, val_labels, val_weights, spec, device)
+            metrics = {"val_auc": val.pop("val_auc"),  # the objective first: the MLflow UI plots the first metric first
+                       "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, **val,
+                       "lr": current_lr, "train_images_per_s": len(images) / train_seconds,
+                       "epoch_seconds": time.perf_counter() - start}
+            state.record(epoch, metrics)
+            log.info("epoch %d: train_loss %.4f val_accuracy %.4f val_auc %.4f (%.0f img/s)", epoch, train_loss,
+                     metrics["val_accuracy"], metrics["val_auc"], metrics["train_images_per_s"])
             if on_checkpoint is not None:
-                on_checkpoint({
-                    "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "initial": initial, "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
-                    "history": result.history, "best_state": best_state,
-                })
+                on_checkpoint(state.state_dict())
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
-            if epoch - result.best_epoch >= cfg.patience:
+            if epoch - state.result.best_epoch >= cfg.patience:
                 log.info("early stop: no val_auc improvement for %d epochs", cfg.patience)
-                result.stopped_early = True
+                state.result.stopped_early = True
                 break
-    set_backbone_trainable(model, True)
-    if initial is not None:
-        head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is classifier_head(model)
-                     for k in m.state_dict()}
-        best_state = interpolate_weights(initial, best_state, cfg.wise_alpha, head_keys)
-    model.load_state_dict(best_state)
-    return result
+    return state.finish()
