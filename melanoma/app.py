@@ -9,6 +9,7 @@ server says. A plain Starlette app (MLflow already installs Starlette and uvicor
 from __future__ import annotations
 
 import base64
+import html
 import logging
 from pathlib import Path
 
@@ -35,12 +36,19 @@ class TriedModel:
         settings = self.pyfunc.unwrap_python_model().settings
         self.threshold = float(settings["threshold"])
         self.target_sensitivity = settings.get("target_sensitivity")
+        self.site = settings.get("site")  # a site version (melanoma adapt): its name, date and threshold's origin
         self.card_html = model_card_html(model_uri)
+
+    def version_in_words(self) -> str:
+        if not self.site:
+            return "the model as trained (no site adaptation)"
+        return (f"the version adapted to site {self.site['name']} on {self.site['date']} "
+                f"({self.site['photos']} photos; threshold: {self.site['threshold_reason']})")
 
     def decision_in_words(self, probability: float, label: str) -> str:
         side = "above" if probability >= self.threshold else "below"
         target = (f", the threshold that found {self.target_sensitivity:.0%} of the melanomas in the model's "
-                  f"validation set" if self.target_sensitivity else "")
+                  f"validation set" if self.target_sensitivity and not self.site else "")
         return (f"Malignant probability {probability:.1%}: {side} the operating threshold "
                 f"{self.threshold:.1%}{target}. Label: {label}.")
 
@@ -70,7 +78,8 @@ def model_card_html(model_uri: str) -> str:
 
 def create_app(model: TriedModel) -> Starlette:
     async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text().replace("{{model_uri}}", model.uri))
+        page = PAGE.read_text().replace("{{model_uri}}", html.escape(model.uri))
+        return HTMLResponse(page.replace("{{version}}", html.escape(model.version_in_words())))
 
     async def card(request: Request) -> HTMLResponse:
         return HTMLResponse(model.card_html)

@@ -1,4 +1,4 @@
-"""The ``melanoma`` command: train, search, crossval, register, evaluate, predict, app, card, audit, bench, demo-data.
+"""The ``melanoma`` command: train, search, crossval, adapt, register, evaluate, predict, app, card, audit, bench, demo-data.
 
 Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
 imported by the command that needs them, so ``melanoma --help`` starts without torch.
@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, CrossvalSettings, SearchSettings, TrainConfig,
-                             add_config_arguments, config_from_args)
+from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, AdaptSettings, CrossvalSettings, SearchSettings,
+                             TrainConfig, add_config_arguments, config_from_args)
 
 
 def use_default_experiment(name: str) -> None:
@@ -98,6 +98,20 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     use_default_experiment(args.experiment)
     with mlflow.start_run(run_name=args.run_name or "crossval") as run:
         summary = run_crossval(cfg, settings)
+    print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from melanoma.adapt import run_adaptation
+    from melanoma.config import AdaptSettings
+
+    settings = config_from_args(args, AdaptSettings)
+    use_default_experiment(args.experiment)
+    with mlflow.start_run(run_name=args.run_name or f"adapt-{settings.site}") as run:
+        summary = run_adaptation(settings)
     print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
     return 0
 
@@ -196,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     crossval.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
     crossval.add_argument("--run-name", default=None)
     crossval.set_defaults(func=cmd_crossval)
+
+    adapt = sub.add_parser("adapt", help="validate a model on a site's photos, set its operating point, register it")
+    add_config_arguments(adapt, AdaptSettings())
+    adapt.add_argument("--experiment", default="melanoma-adaptation", help="MLflow experiment (outside `mlflow run`)")
+    adapt.add_argument("--run-name", default=None)
+    adapt.set_defaults(func=cmd_adapt)
 
     register = sub.add_parser("register", help="register a training run's model and set an alias")
     register.add_argument("--run-id", required=True)

@@ -174,6 +174,38 @@ class CrossvalSettings:
             raise SettingsError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
 
 
+@dataclass
+class AdaptSettings:
+    """A site adaptation's settings: the flags of ``melanoma adapt`` and MLproject's ``adapt``."""
+
+    model: str = ""  # the registered (or any logged) model to adapt, e.g. models:/melanoma-classifier@champion
+    site: str = ""  # the site's name: the new version's alias is site-<site>
+    data: str = ""  # the site's labelled photos, any layout the project reads
+    unlabelled: str = ""  # the site's unlabelled photos, for BatchNorm statistics (default: data's photos)
+    target_sensitivity: float = 0.90  # the share of the site's melanomas its threshold must find
+    min_melanomas: int = 30  # fewer: the model's threshold is kept (the site's is too uncertain)
+    force_threshold: bool = False  # use the site's threshold even with fewer than min_melanomas
+    recalibrate: bool = False  # refit the model's calibration on the site's labelled photos
+    adabn: float = 0.0  # share of the site's BatchNorm statistics (0: the model's, 1: the site's alone)
+    registered_model: str = REGISTERED_MODEL
+    register: bool = True  # register the site version (alias site-<site>)
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("model", "site", "data"):
+            if not getattr(self, name):
+                raise SettingsError(f"adapt needs --{name}")
+        if not self.site.replace("-", "").replace("_", "").isalnum():
+            raise SettingsError(f"site {self.site!r}: use letters, digits, - and _ (it becomes the alias site-<site>)")
+        if not 0 < self.target_sensitivity < 1:
+            raise SettingsError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
+        if not 0 <= self.adabn <= 1:
+            raise SettingsError(f"adabn must be in [0, 1], got {self.adabn}")
+        if self.bootstrap < 0 or self.min_melanomas < 1:
+            raise SettingsError("bootstrap must not be negative and min_melanomas must be positive")
+
+
 def parse_bool(text: str | bool) -> bool:
     """Parse the spellings of a boolean that MLflow parameters and shells produce."""
     if isinstance(text, bool):

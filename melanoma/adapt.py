@@ -1,0 +1,263 @@
+"""``melanoma adapt``: a clinic adopts a registered model on its own patients.
+
+    melanoma adapt --model models:/melanoma-classifier@champion --site clinic_a --data /data/clinic_a \
+        [--unlabelled /data/clinic_a_unlabelled] [--target_sensitivity 0.9]
+
+One MLflow run per adaptation:
+1. local validation: the site's labelled photos at the model's own threshold, with 95 % intervals;
+2. the site's operating point: the threshold that finds ``target_sensitivity`` of the site's
+   melanomas, with the interval of the sensitivity it will reach on the site's next patients (out-
+   of-bootstrap: a threshold chosen on each resample, measured on the photos it did not draw) and
+   the specificity it costs. With fewer than ``min_melanomas`` the interval is said and the model's
+   threshold kept, unless ``force_threshold``;
+3. optionally, calibration refitted on the site, and BatchNorm statistics mixed towards the
+   site's photos (``adabn``: the share of the site's statistics, 0 = off, 1 = plain AdaBN);
+4. a site version: a new version of the registered model with alias ``site-<NAME>``, whose
+   settings carry the site's threshold (calibration, BatchNorm statistics) and whose card gains
+   a section for the site. It is served and scored like any version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import markdown
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+from tqdm import tqdm
+
+from melanoma import tracking
+from melanoma.calibration import fit_calibration
+from melanoma.card import CARD_FILE, CARD_HTML_FILE
+from melanoma.config import AdaptSettings
+from melanoma.data.dataset import prepare_dataset
+from melanoma.data.layout import read_file
+from melanoma.data.metadata import IMAGE_EXTENSIONS
+from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, decode_for_model, preprocess
+from melanoma.data.records import DataError, Source, missing_classes
+from melanoma.engine import checked_engine
+from melanoma.evaluate import Predictions, threshold_for_sensitivity
+from melanoma.figures import sets_figure
+from melanoma.inference import Scorer
+from melanoma.reporting import log_set, set_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteOperatingPoint:
+    """The threshold chosen on a site's photos and what it will give on its next patients."""
+
+    threshold: float
+    melanomas: int
+    sensitivity_interval: tuple[float, float]  # out-of-bootstrap, 95 %
+    specificity: float  # on the site's photos, at the threshold
+    specificity_interval: tuple[float, float]
+
+
+def site_operating_point(site: Predictions, target: float, resamples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> SiteOperatingPoint:
+    """The threshold that finds ``target`` of the site's melanomas, and the interval of the
+    sensitivity (and specificity) such a threshold reaches on patients it was not chosen on: on
+    each bootstrap resample of whole groups a threshold is chosen and measured on the groups the
+    resample left out."""
+    labels, probs, groups = np.asarray(site.labels), np.asarray(site.probs), np.asarray(site.groups)
+    threshold = threshold_for_sensitivity(labels, probs, target)
+    _, group_of = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    sens, spec = [], []
+    for _ in range(resamples):
+        drawn = np.zeros(group_of.max() + 1, bool)
+        drawn[rng.integers(0, len(drawn), len(drawn))] = True
+        inside, outside = drawn[group_of], ~drawn[group_of]
+        if not np.any(labels[inside] == 1) or not np.any(labels[outside] == 1) or not np.any(labels[outside] == 0):
+            continue
+        t = threshold_for_sensitivity(labels[inside], probs[inside], target)
+        sens.append(np.mean(probs[outside & (labels == 1)] >= t))
+        spec.append(np.mean(probs[outside & (labels == 0)] < t))
+    tail = (1 - level) / 2 * 100
+
+    def interval(values: list[float]) -> tuple[float, float]:
+        return tuple(float(v) for v in np.percentile(values, [tail, 100 - tail])) if values else (math.nan, math.nan)
+
+    return SiteOperatingPoint(threshold, int(np.sum(labels == 1)), interval(sens),
+                              float(np.mean(probs[labels == 0] < threshold)), interval(spec))
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, share: float,
+                    batch_size: int = 64) -> int:
+    """Mix every BatchNorm layer's running statistics towards those of ``images`` (the site's
+    photos): ``share`` of the site's, ``1 - share`` of the model's own (AdaBN at 1). Weights are
+    untouched. Returns the number of layers adapted."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    if not layers or share == 0:
+        return 0
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    saved = [(m.momentum, m.training) for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all the site's batches
+        m.train()
+    scorer = Scorer(model, spec)  # normalisation as the model was trained with
+    for start in range(0, len(images), batch_size):
+        scorer(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
+    for m, (mean, var), (momentum, training) in zip(layers, before, saved):
+        m.running_mean.mul_(share).add_(mean, alpha=1 - share)
+        m.running_var.mul_(share).add_(var, alpha=1 - share)
+        m.momentum = momentum
+        m.train(training)
+    return len(layers)
+
+
+def decode_unlabelled(folder: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """Every image file under ``folder`` as model input (unreadable files skipped and counted)."""
+    source = Source(folder)
+    try:
+        files = [f for f in source.files() if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
+        arrays, skipped = [], 0
+        for rel in tqdm(files, desc="unlabelled photos", unit="img", leave=False):
+            try:
+                arrays.append(preprocess(decode_for_model(source.read(rel), spec), spec))
+            except InvalidImageError:
+                skipped += 1
+    finally:
+        source.close()
+    if skipped:
+        log.warning("%s: %d of %d files could not be decoded and were skipped", folder, skipped, len(files))
+    if not arrays:
+        raise DataError(f"no readable images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return np.stack(arrays)
+
+
+def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint | None, chosen: float,
+                 reason: str, calibration_refitted: bool, adabn_layers: int, photos: int) -> str:
+    """The model card's section for the site."""
+    def figure(metrics: dict, name: str) -> str:
+        if name not in metrics:
+            return "-"
+        return f"{metrics[name]:.3f} ({metrics.get(f'{name}_ci_low', math.nan):.3f}-{metrics.get(f'{name}_ci_high', math.nan):.3f})"
+
+    lines = [f"## Site {settings.site}", "",
+             f"Adapted on {datetime.date.today().isoformat()} from `{settings.model}` with `melanoma adapt` "
+             f"on {photos} labelled photos of the site ({point.melanomas if point else 0} melanomas).", "",
+             "| at the model's own threshold | AUC | sensitivity | specificity |", "|---|---|---|---|",
+             f"| the site's photos | {figure(local, 'auc')} | {figure(local, 'sensitivity')} | "
+             f"{figure(local, 'specificity')} |", ""]
+    if point is not None:
+        lines += [f"The site's operating point: threshold {point.threshold:.4f} finds "
+                  f"{settings.target_sensitivity:.0%} of the site's melanomas; on the site's next patients such a "
+                  f"threshold finds {point.sensitivity_interval[0]:.2f}-{point.sensitivity_interval[1]:.2f} of the "
+                  f"melanomas and leaves {point.specificity_interval[0]:.2f}-{point.specificity_interval[1]:.2f} of "
+                  f"the benign lesions alone (95 %, out-of-bootstrap).", ""]
+    lines += [f"Threshold served: {chosen:.4f} ({reason}).",
+              f"Calibration {'refitted on the site' if calibration_refitted else 'as trained'}; "
+              + (f"BatchNorm statistics: {settings.adabn:.0%} the site's ({adabn_layers} layers)."
+                 if adabn_layers else "BatchNorm statistics as trained."), ""]
+    return "\n".join(lines)
+
+
+def run_adaptation(settings: AdaptSettings) -> dict:
+    """Adapt ``settings.model`` to a site inside the active MLflow run; returns the summary."""
+    settings.validate()
+    classifier = mlflow.pyfunc.load_model(settings.model).unwrap_python_model()  # this process's own copy
+    spec, device = classifier.spec, torch.device("cpu")
+    site = prepare_dataset(settings.data, spec, require_train=False)
+    tracking.tag_experiment()
+    mlflow.set_tags({"adaptation": "true", "site": settings.site, "model_uri": settings.model})
+    mlflow.log_params({k: str(v) for k, v in dataclasses.asdict(settings).items()})
+    model = classifier.model.cpu().float()
+    adabn_layers = 0
+    if settings.adabn:
+        unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
+        adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn)
+        mlflow.log_metrics({"adabn_photos": len(unlabelled), "adabn_layers": adabn_layers})
+    tta = classifier.settings.get("tta", "none")
+    engine, graph, _ = checked_engine(Scorer(model, spec, tta), np.asarray(site.images[:256]), device)
+    logits = engine.logits(np.asarray(site.images))
+    labels, groups = site.labels, np.asarray(site.groups)
+
+    local = log_set("site", "site_", labels, logits, classifier.calibration, classifier.threshold, groups,
+                    settings.bootstrap, settings.seed)
+    calibration = classifier.calibration
+    if settings.recalibrate:
+        if missing_classes(labels):
+            raise DataError(f"the site's photos have no {missing_classes(labels)[0]} images: calibration cannot "
+                            "be refitted on them")
+        calibration = fit_calibration(calibration.method if calibration.method != "none" else "temperature",
+                                      logits, labels)
+    site_preds = Predictions(labels, calibration.probabilities(logits), groups)
+    point, chosen, reason = None, classifier.threshold, "the model's threshold"
+    if missing_classes(labels):
+        reason = f"the model's threshold: the site's photos have no {' or '.join(missing_classes(labels))} images"
+        log.warning("%s: no site threshold can be chosen (%s); keeping the model's threshold",
+                    settings.data, reason)
+    else:
+        point = site_operating_point(site_preds, settings.target_sensitivity, settings.bootstrap, settings.seed)
+        low, high = point.sensitivity_interval
+        if point.melanomas < settings.min_melanomas and not settings.force_threshold:
+            reason = (f"the model's threshold: the site has {point.melanomas} melanomas, fewer than "
+                      f"{settings.min_melanomas}; a threshold chosen on them finds {low:.2f}-{high:.2f} of the next "
+                      "patients' melanomas (95 %)")
+            log.warning("%s; pass --force_threshold true to use it anyway", reason)
+        else:
+            chosen, reason = point.threshold, f"chosen on the site for {settings.target_sensitivity:.0%} sensitivity"
+        mlflow.log_metrics({"site_threshold": point.threshold, "site_melanomas": point.melanomas,
+                            "site_sensitivity_next_ci_low": low, "site_sensitivity_next_ci_high": high,
+                            "site_specificity_at_site_threshold": point.specificity,
+                            "site_specificity_next_ci_low": point.specificity_interval[0],
+                            "site_specificity_next_ci_high": point.specificity_interval[1]})
+    served = set_metrics(site_preds, chosen, settings.bootstrap, settings.seed)
+    tracking.log_metrics(served, prefix="site_served_")
+    tracking.log_figure(sets_figure({"model's threshold": local, "site's served threshold": served}),
+                        "site/operating_points.png")
+    mlflow.log_metric("threshold", chosen)
+
+    section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels))
+    site_settings = {**{k: v for k, v in classifier.settings.items() if k not in ("threshold", "calibration")},
+                     "site": {"name": settings.site, "adapted_from": settings.model, "date": datetime.date.today().isoformat(),
+                              "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn}}
+    example_bytes = read_file(site.source, site.paths[0])
+    model_uri = tracking.log_classifier(model, classifier.settings["model"], spec, chosen, example_bytes,
+                                        calibration, graph, site_settings)
+    mlflow.set_tag("site_model_uri", model_uri)
+    card_text = (trained_card(settings.model) + "\n\n" + section).strip()
+    mlflow.log_text(card_text, CARD_FILE)  # the page (melanoma app) shows the card of the model's run
+    mlflow.log_text(markdown.markdown(card_text, extensions=["tables"]), CARD_HTML_FILE)
+    summary = {"site": settings.site, "threshold": chosen, "threshold_reason": reason, "model_uri": model_uri,
+               **{f"site_{k}": v for k, v in local.items() if k in ("auc", "sensitivity", "specificity", "count")}}
+    if settings.register:
+        summary["registered"] = register_site_version(settings, model_uri, card_text)
+    return summary
+
+
+def trained_card(model_uri: str) -> str:
+    """The card of the run that logged ``model_uri`` ("" for a model logged without one)."""
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{CARD_FILE}") if run_id else ""
+    except MlflowException:
+        log.warning("%s has no model card; the site version's card holds the site's section alone", model_uri)
+        return ""
+
+
+def register_site_version(settings: AdaptSettings, model_uri: str, card_text: str) -> str:
+    """The site's model as a new version of the registered model, alias ``site-<NAME>``, its
+    description the adapted model's card followed by the site's section."""
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, settings.registered_model,
+                                    tags={"site": settings.site, "adapted_from": settings.model})
+    client.update_model_version(settings.registered_model, version.version, description=card_text)
+    client.set_registered_model_alias(settings.registered_model, f"site-{settings.site}", version.version)
+    log.info("registered %s version %s as @site-%s", settings.registered_model, version.version, settings.site)
+    return f"models:/{settings.registered_model}@site-{settings.site}"
