@@ -229,6 +229,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: object | Non
         parser.add_argument(f"--{f.name}", type=arg_type, default=default, help=f"(default: {default})")
 
 
+def config_from_params(params: dict[str, str]) -> TrainConfig:
+    """The settings of a logged run, from its params (as ``to_params`` wrote them)."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args([arg for f in fields(TrainConfig) for arg in (f"--{f.name}", params[f.name])]))
+
+
 def config_from_args(args: argparse.Namespace, kind: type = TrainConfig):
     """The settings dataclass ``kind`` from parsed arguments, validated."""
     cfg = kind(**{f.name: getattr(args, f.name) for f in fields(kind)})

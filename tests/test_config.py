@@ -95,3 +95,10 @@ def test_the_command_reports_bad_settings_in_one_line_and_lets_bugs_surface(monk
     monkeypatch.setattr(melanoma.data.demo, "make_demo_dataset", bug)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["demo-data", str(tmp_path / "demo")])
+
+
+def test_a_runs_settings_come_back_from_its_params():
+    from melanoma.config import config_from_params
+
+    cfg = TrainConfig(model="cnn", epochs=5, crop_lesion=False, lr=3e-4, external="a,b", tta="flip")
+    assert config_from_params(cfg.to_params()) == cfg

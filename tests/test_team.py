@@ -1,5 +1,7 @@
-"""A team's set-up, for real: PostgreSQL (started here, on loopback), `mlflow server` with it as
-backend store and a served artifact store, search workers sharing one Optuna study on it."""
+"""A team's set-up, for real: PostgreSQL (started here, on loopback), `mlflow server` with MLflow's
+own authentication (basic-auth, its user store on the same PostgreSQL) and it as backend store and
+a served artifact store, search workers sharing one Optuna study on it; every client passes its
+credentials through MLflow's environment variables."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -30,33 +34,74 @@ TINY = ["--model", "cnn", "--epochs", "1", "--img_size", "32", "--demo_size", "1
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("team")]  # one PostgreSQL and server for them all
 
 
+USER, PASSWORD = "alice", "a-long-team-password-42"
+ADMIN_PASSWORD = "an-admin-password-4242"
+
+
 class Team:
     def __init__(self, tracking_uri: str, optuna_url: str):
         self.tracking_uri, self.optuna_url = tracking_uri, optuna_url
 
     def env(self, tmp_path: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(MLFLOW_TRACKING_URI=self.tracking_uri, MELANOMA_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+        env.update(MLFLOW_TRACKING_URI=self.tracking_uri, MLFLOW_TRACKING_USERNAME=USER,
+                   MLFLOW_TRACKING_PASSWORD=PASSWORD, MELANOMA_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
         return env
+
+
+def auth_config(path: Path, user_store: str) -> Path:
+    """MLflow's basic-auth settings as docs/deploy.md writes them: users on PostgreSQL, every team
+    member may read and edit, the admin's password from the environment."""
+    path.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = {user_store}\nadmin_username = admin\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
 
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("served-artifacts")
-    with postgres_server("mlflow", "optuna") as databases:
+    with postgres_server("mlflow", "optuna", "mlflow_auth") as databases:
         url = f"http://127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", databases["mlflow"],
-                   "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port",
-                   url.rsplit(":", 1)[1], "--workers", "2"]
-        with background_server(command, url, timeout=300, ready="/health"):
+        command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                   "--backend-store-uri", databases["mlflow"], "--artifacts-destination", str(artifacts),
+                   "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "2"]
+        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_config(artifacts.parent / "auth.ini",
+                                                                        databases["mlflow_auth"])),
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret", "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+        with background_server(command, url, env=env, timeout=300, ready="/health"):
+            with pytest.MonkeyPatch.context() as monkeypatch:  # the admin adds the team's user
+                monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+                monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+                get_app_client("basic-auth", tracking_uri=url).create_user(USER, PASSWORD)
             yield Team(url, databases["optuna"])
 
 
 @pytest.fixture
 def client(team, monkeypatch) -> MlflowClient:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     mlflow.set_tracking_uri(team.tracking_uri)
     return MlflowClient(team.tracking_uri)
+
+
+def status_of(url: str, credentials: tuple[str, str] | None) -> int:
+    request = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if credentials:
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_server_lets_in_only_the_team(team):
+    assert status_of(team.tracking_uri, None) == 401
+    assert status_of(team.tracking_uri, (USER, "a-wrong-password")) == 401
+    assert status_of(team.tracking_uri, ("mallory", PASSWORD)) == 401
+    assert status_of(team.tracking_uri, (USER, PASSWORD)) == 200
 
 
 def melanoma(team: Team, tmp_path: Path, *args: str) -> subprocess.Popen:

@@ -1,0 +1,198 @@
+"""Re-scoring the held-out sources of finished cross-source validations, without retraining.
+
+    python -m experiments.heldout views --runs CROSSVAL_ID [CROSSVAL_ID ...] --out docs/crossval_views_cpu.json
+    python -m experiments.heldout sites --runs CROSSVAL_ID --out docs/site_adaptation_cpu.json
+
+``views``: each crossval run's held-out children scored with every test-time augmentation, and
+(with several runs) the ensemble of the runs' children averaged; per source the AUC and what the
+validation and crossval threshold rules give (``melanoma.crossval``).
+
+``sites``: each held-out source treated as a new clinic that adopts the model trained without
+it (``melanoma adapt``): N labelled site photos drawn at random (many draws), the site's
+threshold chosen on them, measured on the rest of the site; and BatchNorm statistics mixed
+towards the site's photos, measured by the AUC and the sensitivity at the model's threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from melanoma.adapt import adapt_batchnorm, site_operating_point
+from melanoma.calibration import fit_calibration
+from melanoma.config import config_from_params
+from melanoma.crossval import rule_results
+from melanoma.data.training_data import load_data
+from melanoma.engine import checked_engine
+from melanoma.evaluate import Predictions, classification_metrics
+from melanoma.inference import TTA_VIEWS, Scorer
+from melanoma.pipeline import TrainingReport
+
+log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+
+
+def children(run_id: str) -> dict[str, str]:
+    """{held-out source: child run id} of a crossval run."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    found = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    return {r.data.tags["crossval_heldout"]: r.info.run_id for r in found if "crossval_heldout" in r.data.tags}
+
+
+def child_inputs(child_id: str):
+    """The child's network and settings, and its validation and held-out images, labels, groups."""
+    classifier = mlflow.pyfunc.load_model(f"runs:/{child_id}/model").unwrap_python_model()
+    cfg = config_from_params(mlflow.MlflowClient().get_run(child_id).data.params)
+    data = load_data(cfg, classifier.spec)
+    d = data.data
+    return classifier, cfg, {"val": (d.images[data.val_idx], d.labels[data.val_idx], d.groups[data.val_idx]),
+                             "held": (d.images[data.holdout_idx], d.labels[data.holdout_idx], d.groups[data.holdout_idx])}
+
+
+def logits(model: torch.nn.Module, spec, tta: str, images: np.ndarray) -> torch.Tensor:
+    engine, _, _ = checked_engine(Scorer(model, spec, tta), np.asarray(images[:64]), CPU)
+    return engine.logits(np.asarray(images))
+
+
+def report_of(val_logits, held_logits, inputs, method: str) -> TrainingReport:
+    """Calibrated on validation (as a run is), the validation and held-out predictions."""
+    (_, val_labels, val_groups), (_, held_labels, held_groups) = inputs["val"], inputs["held"]
+    calibration = fit_calibration(method, val_logits, val_labels)
+    return TrainingReport({}, Predictions(val_labels, calibration.probabilities(val_logits), val_groups),
+                          Predictions(held_labels, calibration.probabilities(held_logits), held_groups))
+
+
+def summarize(reports: dict[str, TrainingReport], target: float) -> dict:
+    rules = rule_results(reports, target, resamples=200, seed=0)
+    rows = {}
+    for source, report in reports.items():
+        held = report.holdout
+        row = {"auc": classification_metrics(held.labels, held.probs).get("auc")}
+        for rule, values in rules.get(source, {}).items():
+            row.update({f"{rule}_rule_{k}": values[k] for k in ("sensitivity", "specificity", "threshold")})
+        rows[source] = row
+    aucs = [r["auc"] for r in rows.values() if r["auc"] is not None]
+    return {"sources": rows, "worst_auc": min(aucs), "mean_auc": float(np.mean(aucs))}
+
+
+def screen_views(run_ids: list[str]) -> dict:
+    """Every test-time augmentation of each run's children, and the runs' ensemble."""
+    results, by_source = {}, {}
+    for run_id in run_ids:
+        for source, child in children(run_id).items():
+            classifier, cfg, inputs = child_inputs(child)
+            for tta in TTA_VIEWS:
+                pair = (logits(classifier.model, classifier.spec, tta, inputs["val"][0]),
+                        logits(classifier.model, classifier.spec, tta, inputs["held"][0]))
+                by_source.setdefault((run_id, tta), {})[source] = (pair, inputs, cfg)
+    for (run_id, tta), sources in by_source.items():
+        reports = {s: report_of(*pair, inputs, cfg.calibration) for s, (pair, inputs, cfg) in sources.items()}
+        results[f"{run_id}:{tta}"] = summarize(reports, next(iter(sources.values()))[2].target_sensitivity)
+        log.info("%s tta=%s: worst AUC %.4f", run_id, tta, results[f"{run_id}:{tta}"]["worst_auc"])
+    if len(run_ids) > 1:  # the ensemble: logits averaged over the runs' children, per view setting
+        for tta in TTA_VIEWS:
+            reports = {}
+            for source in by_source[(run_ids[0], tta)]:
+                members = [by_source[(r, tta)][source] for r in run_ids]
+                val = torch.stack([m[0][0] for m in members]).mean(0)
+                held = torch.stack([m[0][1] for m in members]).mean(0)
+                reports[source] = report_of(val, held, members[0][1], members[0][2].calibration)
+            results[f"ensemble:{tta}"] = summarize(reports, 0.9)
+    return results
+
+
+def site_draws(site: Predictions, sizes: tuple[int, ...], draws: int, target: float, model_threshold: float,
+               min_melanomas: int, seed: int = 0) -> dict:
+    """N labelled photos of a site drawn at random, its threshold chosen on them (the adapt
+    rule: kept at the model's with fewer than ``min_melanomas``), measured on the rest."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in sizes:
+        rows = []
+        for _ in range(draws):
+            drawn = rng.permutation(len(site.labels))[:n]
+            rest = np.setdiff1d(np.arange(len(site.labels)), drawn)
+            sample = Predictions(site.labels[drawn], site.probs[drawn], site.groups[drawn])
+            melanomas = int(sample.labels.sum())
+            site_t = site_operating_point(sample, target, resamples=0).threshold if melanomas else model_threshold
+            rule_t = site_t if melanomas >= min_melanomas else model_threshold
+            for name, t in (("site", site_t), ("rule", rule_t)):
+                m = classification_metrics(site.labels[rest], site.probs[rest], t)
+                rows.append({"threshold": name, "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+                             "melanomas": melanomas})
+        summary = {}
+        for name in ("site", "rule"):
+            sens = np.array([r["sensitivity"] for r in rows if r["threshold"] == name])
+            spec = np.array([r["specificity"] for r in rows if r["threshold"] == name])
+            summary[name] = {"share_sensitivity_in_0.85_0.95": float(np.mean((sens >= 0.85) & (sens <= 0.95))),
+                             "sensitivity_median": float(np.median(sens)),
+                             "sensitivity_p5_p95": [float(np.percentile(sens, 5)), float(np.percentile(sens, 95))],
+                             "specificity_median": float(np.median(spec))}
+        summary["melanomas_median"] = float(np.median([r["melanomas"] for r in rows]))
+        out[n] = summary
+    return out
+
+
+def first_layers_only(model: torch.nn.Module, images, spec, share: float, fraction: float) -> None:
+    """AdaBN on the first ``fraction`` of the BatchNorm layers only (the others keep the model's)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    keep = layers[int(len(layers) * fraction):]
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in keep]
+    adapt_batchnorm(model, images, spec, share)
+    for m, (mean, var) in zip(keep, saved):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+
+
+def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200) -> dict:
+    results = {}
+    for source, child in children(run_id).items():
+        classifier, cfg, inputs = child_inputs(child)
+        images, labels, groups = inputs["held"]
+        if not np.any(labels == 1):
+            continue
+        base_logits = logits(classifier.model, classifier.spec, "none", images)
+        site = Predictions(labels, classifier.calibration.probabilities(base_logits), groups)
+        at_model = classification_metrics(labels, site.probs, classifier.threshold)
+        row = {"photos": len(labels), "melanomas": int(labels.sum()),
+               "unadapted": {k: at_model[k] for k in ("auc", "sensitivity", "specificity")},
+               "draws": site_draws(site, sizes, draws, cfg.target_sensitivity, classifier.threshold, 30)}
+        state = {k: v.clone() for k, v in classifier.model.state_dict().items()}
+        for name, share, fraction in (("adabn_full", 1.0, 1.0), ("adabn_half", 0.5, 1.0), ("adabn_quarter", 0.25, 1.0),
+                                      ("adabn_first_third", 1.0, 1 / 3)):
+            classifier.model.load_state_dict(state)
+            first_layers_only(classifier.model, images, classifier.spec, share, fraction)
+            adapted = classifier.calibration.probabilities(logits(classifier.model, classifier.spec, "none", images))
+            m = classification_metrics(labels, adapted, classifier.threshold)
+            row[name] = {k: m[k] for k in ("auc", "sensitivity", "specificity")}
+            log.info("%s %s: AUC %.4f -> %.4f", source, name, row["unadapted"]["auc"], m["auc"])
+        classifier.model.load_state_dict(state)
+        results[source] = row
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("views", "sites"))
+    parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = screen_views(args.runs) if args.mode == "views" else screen_sites(args.runs[0], draws=args.draws)
+    text = json.dumps(results, indent=2, default=float)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
