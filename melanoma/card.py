@@ -59,7 +59,27 @@ def with_interval(values: dict[str, float], name: str) -> str:
     return text
 
 
-def in_words(sets: dict[str, dict[str, float]], target: float) -> list[str]:
+def threshold_origin(metrics: dict[str, float], tags: dict[str, str], target: float) -> list[str]:
+    """How the threshold was chosen and, for the crossval rule, what it gave at sources the
+    models never saw (the figures a new clinic can expect)."""
+    if tags.get("threshold_rule") != "crossval":
+        return [f"The threshold was chosen on validation to find {round(100 * target)} % of the melanomas."]
+    share = metrics.get("threshold_validation_sensitivity", float("nan"))
+    lines = [f"The threshold travels: it finds {share:.1%} of the validation melanomas, the share that models "
+             f"trained without a source needed to find {round(100 * target)} % of that source's melanomas "
+             "(cross-source validation, `melanoma crossval`). At a source the model never saw, each source held "
+             "out in turn, the rule gave (the validation rule beside it):", "",
+             "| held-out source | AUC | sensitivity | specificity | with the validation rule: sensitivity | specificity |",
+             "|---|---|---|---|---|---|"]
+    for source in sorted({m.group(1) for k in metrics if (m := re.match(r"crossval_heldout_(.+)_auc$", k))}):
+        row = set_metrics(metrics, f"crossval_heldout_{source}_")
+        lines.append(f"| {source} | {row['auc']:.3f} | " + " | ".join(
+            f"{row.get(f'{rule}_rule_{name}', float('nan')):.3f}" for rule in ("crossval", "validation")
+            for name in ("sensitivity", "specificity")) + " |")
+    return lines + [""]
+
+
+def in_words(sets: dict[str, dict[str, float]]) -> list[str]:
     """The operating point as a reader would say it, per set."""
     lines = []
     for name, values in sets.items():
@@ -70,7 +90,7 @@ def in_words(sets: dict[str, dict[str, float]], target: float) -> list[str]:
             parts.append(f"calls {round(100 * (1 - values['specificity']))} of 100 benign lesions malignant")
         if parts:
             lines.append(f"- On **{name}** ({int(values.get('count', 0))} images) it " + ", and ".join(parts) + ".")
-    return [f"The threshold was chosen on validation to find {round(100 * target)} % of the melanomas.", "", *lines]
+    return ["", *lines]
 
 
 def card_markdown(run, evaluations: list) -> str:
@@ -124,7 +144,8 @@ def card_markdown(run, evaluations: list) -> str:
         "## Operating point",
         f"Threshold {m.get('threshold', float('nan')):.3f} on the calibrated probability.",
         "",
-        *in_words(sets, target),
+        *threshold_origin(m, tags, target),
+        *in_words(sets),
         "",
         "## Performance (95 % bootstrap intervals)",
         "",

@@ -26,6 +26,7 @@ import mlflow
 import numpy as np
 
 from melanoma import tracking
+from melanoma.card import write_card
 from melanoma.config import CrossvalSettings, TrainConfig
 from melanoma.data.combine import load_datasets
 from melanoma.data.dataset import cache_dir
@@ -156,6 +157,9 @@ def run_crossval(cfg: TrainConfig, settings: CrossvalSettings = CrossvalSettings
         with mlflow.start_run(run_name="all-sources", parent_run_id=parent, nested=True) as final:
             mlflow.set_tag("crossval_final", "true")
             final_report = run_training(cfg, checkpoints=False, validation_sensitivity=share)
+            # What the rule gave at each held-out source: the final model's card quotes it.
+            tracking.log_metrics({k: v for k, v in summary.items() if k.startswith("heldout_")}, prefix="crossval_")
+        write_card(final.info.run_id)
         mlflow.set_tags({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id})
         summary.update({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id,
                         "final_threshold": final_report.summary["threshold"]})

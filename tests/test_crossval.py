@@ -117,6 +117,8 @@ def test_crossval_trains_a_child_per_source_and_a_final_model(sources):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "crossval")}
     assert {"crossval/heldout_auc.png", "crossval/crossval.json"} <= artifacts
     assert client.get_run(parent.info.run_id).data.tags["model_uri"] == summary["model_uri"]
+    card = mlflow.artifacts.load_text(f"runs:/{final[0].info.run_id}/model_card.md")
+    assert "The threshold travels" in card and "| isic |" in card
     assert mlflow.pyfunc.load_model(summary["model_uri"]) is not None
 
 
