@@ -19,11 +19,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 
 from melanoma.data.dataset import prepare_dataset, split_train_val
 from melanoma.evaluate import classification_metrics, external_names, operating_point
-from melanoma.inference import predict_proba
+from melanoma.engine import checked_engine
+from melanoma.inference import Scorer
 
 log = logging.getLogger("melanoma.ensemble")
 
@@ -32,11 +32,13 @@ SPLIT_PARAMS = ("data_location", "val_fraction", "seed")
 
 
 def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
-    """Malignant probability per image, averaged over the four flips when ``flips``."""
-    batch = torch.as_tensor(np.array(images))
-    views = [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)] if flips else [batch]
-    return np.mean([predict_proba(classifier.model, v, classifier.spec, classifier.device, classifier.calibration)
-                    for v in views], axis=0)
+    """Malignant probability per image through the model's own engine, or with its four flips
+    averaged when ``flips``."""
+    engine = classifier.engine
+    if flips:
+        engine, _, _ = checked_engine(Scorer(classifier.model, classifier.spec, "flip"), np.asarray(images[:64]),
+                                      classifier.device)
+    return classifier.calibration.probabilities(engine.logits(np.asarray(images)))
 
 
 def score_run(run_id: str, external: list[str]) -> dict:

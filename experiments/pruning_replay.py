@@ -16,7 +16,7 @@ import json
 import optuna
 from optuna.trial import TrialState
 
-from melanoma.search import OBJECTIVE, make_pruner
+from melanoma.search import make_pruner
 
 
 def replay(study: optuna.Study, pruner: optuna.pruners.BasePruner) -> dict:
@@ -46,7 +46,7 @@ def replay(study: optuna.Study, pruner: optuna.pruners.BasePruner) -> dict:
             "epochs_unpruned": epochs_unpruned, "epochs_pruned": epochs_pruned,
             "epochs_saved": epochs_unpruned - epochs_pruned,
             "epochs_saved_share": 1 - epochs_pruned / epochs_unpruned,
-            f"best_{OBJECTIVE}": best.value, f"best_{OBJECTIVE}_with_pruning": best_kept.value,
+            "best_val_auc": best.value, "best_val_auc_with_pruning": best_kept.value,
             "best_trial_survives": best_kept.number == best.number}
 
 

@@ -69,6 +69,7 @@ def screen(cfg: TrainConfig) -> dict[str, float]:
         probs = Calibration().probabilities(logits)
         row.update({f"external_{name}_{k}": v for k, v in classification_metrics(external.labels, probs, point.threshold).items()})
         row[f"external_{name}_mean_malignant_probability"] = float(probs.mean())
+        row[f"external_{name}_count"] = len(probs)
     return row
 
 

@@ -192,7 +192,7 @@ def audit_dataset(datasets: str | Path, img_size: int = 64, seed: int = 0, requi
                   label_map: str = "", locations: dict[str, Path] | None = None) -> dict:
     """The audit report of one dataset or several (comma-separated, as ``data`` takes them), as a
     dict (JSON-serialisable)."""
-    spec = PreprocessSpec(img_size=img_size, channels=3, color_constancy=False)
+    spec = PreprocessSpec(img_size=img_size, channels=3, color_constancy=False, crop_lesion=False)  # the whole frame
     data = load_datasets(str(datasets), spec, require_train=require_train, label_map=label_map, locations=locations)
     probe_auc, probe_probs = border_probe(data.images, data.labels, seed)
     duplicates = duplicate_pairs(data)

@@ -156,7 +156,7 @@ def time_tricks(images: np.ndarray, labels: np.ndarray, steps: int, device: torc
     interleaved (trick on, off, on, off, ...) so the machine's drift hits both alike."""
     results = {}
     for config, (model_name, size, channels, batch) in configurations.items():
-        spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False)
+        spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False, crop_lesion=False)
         resized = resize_batch(images, size, channels)
         for trick in ("recycle", "channels_last"):
             on, off = [], []
@@ -344,7 +344,8 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
     """Run every measurement, print a table, and write JSON to ``out``."""
     device = select_device()
     location = Path(data) if data else demo_dataset(TrainConfig.demo_size, 0, cache_dir())
-    spec = PreprocessSpec(img_size=NOTEBOOK["img_size"], channels=NOTEBOOK["channels"], color_constancy=False)
+    spec = PreprocessSpec(img_size=NOTEBOOK["img_size"], channels=NOTEBOOK["channels"], color_constancy=False,
+                          crop_lesion=False)
     results: dict = {"device": str(device), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "torch_version": torch.__version__, "data": str(location.resolve()),
                      "glibc_memory_recycling": glibc_mallopt() is not None,
@@ -365,7 +366,7 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
     results["notebook_gemm_fraction"] = results["notebook_train_gflops"] / results["gemm_gflops"]
     for config, (model_name, size, channels, batch) in CONFIGURATIONS.items():
         log.info("timing this project's training in the %s configuration", config)
-        config_spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False)
+        config_spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False, crop_lesion=False)
         img_per_s, flops = time_training(model_name, resize_batch(images, size, channels), labels, config_spec,
                                          batch, steps, device)
         results[f"train_img_per_s_{config}"] = img_per_s

@@ -83,7 +83,7 @@ def test_shades_of_gray_removes_a_colour_cast():
 
 def test_training_and_serving_share_one_path():
     jpeg = encode(np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8), ".jpg")
-    spec = PreprocessSpec(img_size=32)
+    spec = PreprocessSpec(img_size=32, color_constancy=True, crop_lesion=False)
     expected = preprocess(decode_image(jpeg, reduce_to=32), spec)
     np.testing.assert_array_equal(load_for_model(jpeg, spec), expected)
 
