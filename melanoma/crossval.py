@@ -41,14 +41,17 @@ from melanoma.reporting import set_metrics
 log = logging.getLogger(__name__)
 
 
-def sensitivity_at(predictions: Predictions, threshold: float) -> float:
-    return float(np.mean(predictions.probs[predictions.labels == 1] >= threshold))
-
-
 def needed_validation_sensitivity(val: Predictions, held: Predictions, target: float) -> float:
     """The share of the validation melanomas a model must find to find ``target`` of the
     held-out source's melanomas."""
-    return sensitivity_at(val, threshold_for_sensitivity(held.labels, held.probs, target))
+    threshold = threshold_for_sensitivity(held.labels, held.probs, target)
+    return float(np.mean(val.probs[val.labels == 1] >= threshold))
+
+
+def needed_shares(children: dict[str, TrainingReport], target: float) -> dict[str, float]:
+    """Each held-out source's needed share (sources without melanomas have none)."""
+    return {source: needed_validation_sensitivity(report.val, report.holdout, target)
+            for source, report in children.items() if np.any(report.holdout.labels == 1)}
 
 
 def rule_results(children: dict[str, TrainingReport], target: float, resamples: int,
@@ -56,8 +59,7 @@ def rule_results(children: dict[str, TrainingReport], target: float, resamples: 
     """For each held-out source with melanomas, what each threshold rule gives there:
     ``{source: {"validation": metrics, "crossval": metrics}}``. The crossval rule's share for
     source k is the mean of the other sources' needed shares."""
-    needed = {source: needed_validation_sensitivity(report.val, report.holdout, target)
-              for source, report in children.items() if np.any(report.holdout.labels == 1)}
+    needed = needed_shares(children, target)
     out = {}
     for source, report in children.items():
         others = [share for other, share in needed.items() if other != source]
@@ -73,8 +75,7 @@ def rule_results(children: dict[str, TrainingReport], target: float, resamples: 
 
 def travel_sensitivity(children: dict[str, TrainingReport], target: float) -> float:
     """The crossval rule's share of validation melanomas, from every held-out source with melanomas."""
-    shares = [needed_validation_sensitivity(r.val, r.holdout, target) for r in children.values()
-              if np.any(r.holdout.labels == 1)]
+    shares = list(needed_shares(children, target).values())
     if not shares:
         raise DataError("no held-out source has malignant images: the crossval threshold cannot be chosen")
     return float(np.mean(shares))

@@ -11,6 +11,7 @@ gradients), and so is everything on a GPU where ONNX Runtime has no CUDA provide
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -73,9 +74,14 @@ def onnx_usable(device: torch.device) -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def cpu_copy(scorer: Scorer) -> Scorer:
+    """The scorer in fp32 on the CPU, leaving the caller's network where it is (on a GPU, say)."""
+    return copy.deepcopy(scorer).cpu().float().eval()
+
+
 def export_onnx(scorer: Scorer, channels: int, img_size: int) -> bytes:
     """The scorer as an ONNX graph: uint8 ``images`` (batch, C, H, W) in, ``logits`` (batch, 2) out."""
-    scorer = scorer.cpu().float().eval()
+    scorer = cpu_copy(scorer)
     example = torch.zeros(2, channels, img_size, img_size, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
@@ -89,8 +95,9 @@ def export_onnx(scorer: Scorer, channels: int, img_size: int) -> bytes:
 
 def probability_difference(scorer: Scorer, engine: OnnxEngine, images: np.ndarray) -> float:
     """The largest malignant-probability difference between ``engine`` and the scorer in fp32."""
+    reference_scorer = cpu_copy(scorer)
     with torch.inference_mode():
-        reference = torch.cat([scorer.cpu().float().eval()(torch.from_numpy(np.ascontiguousarray(
+        reference = torch.cat([reference_scorer(torch.from_numpy(np.ascontiguousarray(
             images[start:start + BATCH_IMAGES]))) for start in range(0, len(images), BATCH_IMAGES)])
     ours = engine.logits(images)
     return float((torch.softmax(ours.float(), 1)[:, 1] - torch.softmax(reference, 1)[:, 1]).abs().max())
