@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mlflow.exceptions import MlflowException
 
+    from melanoma.checkpoint import CheckpointError
     from melanoma.data.preprocessing import InvalidImageError
     from melanoma.data.records import DataError
     from melanoma.errors import SettingsError
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SettingsError, DataError, InvalidImageError, PretrainedWeightsError, FileNotFoundError,
+    except (SettingsError, DataError, InvalidImageError, PretrainedWeightsError, CheckpointError, FileNotFoundError,
             MlflowException) as exc:  # the user's input: one line; anything else is a bug and keeps its traceback
         if args.verbose:
             logging.exception("error")
