@@ -148,6 +148,7 @@ def test_two_workers_share_one_study_and_register_the_best_once(team, client, tm
             "-P", "model=cnn", "-P", "epochs=1", "-P", "img_size=32", "-P", "demo_size=16", "-P", "batch_size=16",
             "-P", "gradcam_images=0", "-P", "n_trials=4", "-P", f"storage={team.optuna_url}",
             "-P", "study_name=shared", "-P", "registered_model=shared", "-P", "heartbeat=1"]
+    client.create_experiment("team-search")  # once, first: two `mlflow run`s creating it at once collide
     workers = [subprocess.Popen([sys.executable, "-m", *args], env=team.env(tmp_path / f"worker{i}"), cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for worker in workers:
