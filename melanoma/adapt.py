@@ -49,6 +49,7 @@ from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import sets_figure
 from melanoma.inference import Scorer
 from melanoma.reporting import log_set, set_metrics
+from melanoma.serving import network_names
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                      "site": {"name": settings.site, "adapted_from": settings.model, "date": datetime.date.today().isoformat(),
                               "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn}}
     example_bytes = read_file(site.source, site.paths[0])
-    model_uri = tracking.log_classifier(model, classifier.settings["model"], spec, chosen, example_bytes,
+    model_uri = tracking.log_classifier(model, network_names(classifier.settings), spec, chosen, example_bytes,
                                         calibration, graph, site_settings)
     mlflow.set_tag("site_model_uri", model_uri)
     card_text = (trained_card(settings.model) + "\n\n" + section).strip()

@@ -71,7 +71,10 @@ def threshold_origin(metrics: dict[str, float], tags: dict[str, str], target: fl
              "out in turn, the rule gave (the validation rule beside it):", "",
              "| held-out source | AUC | sensitivity | specificity | with the validation rule: sensitivity | specificity |",
              "|---|---|---|---|---|---|"]
-    for source in sorted({m.group(1) for k in metrics if (m := re.match(r"crossval_heldout_(.+)_auc$", k))}):
+    sources = sorted({m.group(1) for k in metrics if (m := re.match(r"crossval_heldout_(.+)_auc$", k))})
+    if not sources:  # an ensemble of such models: the figures are its members'
+        return [lines[0].split(" At a source")[0] + " The cross-source figures are in the members' runs.", ""]
+    for source in sources:
         row = set_metrics(metrics, f"crossval_heldout_{source}_")
         lines.append(f"| {source} | {row['auc']:.3f} | " + " | ".join(
             f"{row.get(f'{rule}_rule_{name}', float('nan')):.3f}" for rule in ("crossval", "validation")
@@ -139,7 +142,10 @@ def card_markdown(run, evaluations: list) -> str:
         f"{p.get('weight_decay')}, warm-up {p.get('warmup_epochs')} epochs, frozen backbone "
         f"{p.get('freeze_epochs')} epochs, label smoothing {p.get('label_smoothing')}, EMA {p.get('ema')}, "
         f"WiSE-FT alpha {p.get('wise_alpha')}, augmentation `{p.get('augment')}`, batch {p.get('batch_size')}, "
-        f"{int(m.get('epochs_run', 0))} epochs run (best {int(m.get('best_epoch', 0))}, by validation AUC).",
+        + (f"{int(m['epochs_run'])} epochs run (best {int(m.get('best_epoch', 0))}, by validation AUC)."
+           if "epochs_run" in m else f"{p.get('epochs')} epochs each."),
+        *([f"An ensemble: the logits of the members (training runs {tags['ensemble_runs']}) averaged; calibration "
+           "and threshold fitted again on their shared validation split."] if "ensemble_runs" in tags else []),
         "",
         "## Operating point",
         f"Threshold {m.get('threshold', float('nan')):.3f} on the calibrated probability.",

@@ -1,4 +1,4 @@
-"""The ``melanoma`` command: train, search, crossval, adapt, register, evaluate, predict, app, card, audit, bench, demo-data.
+"""The ``melanoma`` command: train, search, crossval, adapt, ensemble, register, evaluate, predict, app, card, audit, bench, demo-data.
 
 Thin: parse arguments, call the library, print results, choose the exit code. Libraries are
 imported by the command that needs them, so ``melanoma --help`` starts without torch.
@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, AdaptSettings, CrossvalSettings, SearchSettings,
-                             TrainConfig, add_config_arguments, config_from_args)
+from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, AdaptSettings, CrossvalSettings, EnsembleSettings,
+                             SearchSettings, TrainConfig, add_config_arguments, config_from_args)
 
 
 def use_default_experiment(name: str) -> None:
@@ -112,6 +112,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     use_default_experiment(args.experiment)
     with mlflow.start_run(run_name=args.run_name or f"adapt-{settings.site}") as run:
         summary = run_adaptation(settings)
+    print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from melanoma.ensemble import run_ensemble
+
+    settings = config_from_args(args, EnsembleSettings)
+    use_default_experiment(args.experiment)
+    with mlflow.start_run(run_name=args.run_name or "ensemble") as run:
+        summary = run_ensemble(settings)
     print(json.dumps({"run_id": run.info.run_id, **summary}, indent=2))
     return 0
 
@@ -216,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--experiment", default="melanoma-adaptation", help="MLflow experiment (outside `mlflow run`)")
     adapt.add_argument("--run-name", default=None)
     adapt.set_defaults(func=cmd_adapt)
+
+    ensemble = sub.add_parser("ensemble", help="average finished training runs into one logged (and registered) model")
+    add_config_arguments(ensemble, EnsembleSettings())
+    ensemble.add_argument("--experiment", default="melanoma", help="MLflow experiment (outside `mlflow run`)")
+    ensemble.add_argument("--run-name", default=None)
+    ensemble.set_defaults(func=cmd_ensemble)
 
     register = sub.add_parser("register", help="register a training run's model and set an alias")
     register.add_argument("--run-id", required=True)

@@ -44,6 +44,7 @@ class TrainConfig:
     img_size: int = 96
     channels: int = 3  # 1 = the notebook's grayscale, 3 = RGB
     seed: int = 42
+    split_seed: int = -1  # the train/validation split's seed; -1: seed (fixed, seeds vary only the training)
     pretrained: str = "true"  # "true" (ImageNet weights; the notebook's cnn has none), "false", or a weights file
     optimizer: str = "adamw"  # adamw | adam
     weight_decay: float = 0.05  # decoupled (AdamW); norms and biases take none
@@ -114,6 +115,8 @@ class TrainConfig:
             raise SettingsError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
         if self.wise_alpha < 1 and (self.pretrained.lower() == "false" or arch.library == "melanoma"):
             raise SettingsError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
+        if self.split_seed < -1:
+            raise SettingsError(f"split_seed must be -1 (follow seed) or a seed, got {self.split_seed}")
         if not 0 < self.val_fraction < 1:
             raise SettingsError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_sensitivity < 1:
@@ -127,6 +130,12 @@ class TrainConfig:
         mean, std = input_normalization(self.model, self.pretrained)
         return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
                               mask_corners=self.mask_corners, crop_lesion=self.crop_lesion, rgb_mean=mean, rgb_std=std)
+
+    @property
+    def validation_seed(self) -> int:
+        """The seed of the train/validation split: runs that share it (and the data) share
+        their validation images, as an ensemble's members must."""
+        return self.seed if self.split_seed == -1 else self.split_seed
 
     @property
     def external_dirs(self) -> list[str]:
@@ -206,6 +215,30 @@ class AdaptSettings:
             raise SettingsError("bootstrap must not be negative and min_melanomas must be positive")
 
 
+@dataclass
+class EnsembleSettings:
+    """An ensemble's settings: the flags of ``melanoma ensemble`` and MLproject's ``ensemble``."""
+
+    runs: str = ""  # the members' training run ids, comma-separated (same data, split and preprocessing)
+    tta: str = ""  # test-time views of the ensemble; empty: the members' own (they must agree)
+    external: str = ""  # extra evaluation-only folders, comma-separated; empty: the first member's
+    bootstrap: int = 1000  # resamples for the 95 % intervals
+    registered_model: str = REGISTERED_MODEL
+    alias: str = ""  # register the ensemble and move this alias to it (champion, say); empty: log only
+
+    def validate(self) -> None:
+        if len(self.run_ids) < 2:
+            raise SettingsError(f"an ensemble needs at least two training runs (--runs A,B), got {self.runs!r}")
+        if len(set(self.run_ids)) < len(self.run_ids):
+            raise SettingsError(f"--runs names a run twice: {self.runs!r}")
+        if self.bootstrap < 0:
+            raise SettingsError(f"bootstrap must not be negative, got {self.bootstrap}")
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.strip() for r in self.runs.split(",") if r.strip()]
+
+
 def parse_bool(text: str | bool) -> bool:
     """Parse the spellings of a boolean that MLflow parameters and shells produce."""
     if isinstance(text, bool):
@@ -230,10 +263,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: object | Non
 
 
 def config_from_params(params: dict[str, str]) -> TrainConfig:
-    """The settings of a logged run, from its params (as ``to_params`` wrote them)."""
+    """The settings of a logged run, from its params (as ``to_params`` wrote them); a setting
+    added since the run was logged takes its default."""
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    return config_from_args(parser.parse_args([arg for f in fields(TrainConfig) for arg in (f"--{f.name}", params[f.name])]))
+    defaults = TrainConfig().to_params()
+    return config_from_args(parser.parse_args([arg for f in fields(TrainConfig)
+                                               for arg in (f"--{f.name}", params.get(f.name, defaults[f.name]))]))
 
 
 def config_from_args(args: argparse.Namespace, kind: type = TrainConfig):

@@ -72,6 +72,25 @@ class GradCAM:
         return (cam / peak).float()
 
 
+def ensemble_gradcam(members: list[nn.Module], layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Maps (N, H, W) of one network, or of an ensemble: each member's map for the class that
+    the members' averaged logits predict, averaged."""
+    predicted = None
+    if len(members) > 1:
+        with torch.no_grad():
+            logits = []
+            for member in members:
+                was_training = member.training
+                logits.append(member.eval()(x).float())
+                member.train(was_training)
+            predicted = torch.stack(logits).mean(0).argmax(1)
+    maps = []
+    for member, layer in zip(members, layers):
+        with GradCAM(member, layer) as cam:
+            maps.append(cam(x, predicted))
+    return torch.stack(maps).mean(0)
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a [0, 1] heat map over an RGB or grayscale uint8 image; returns RGB uint8."""
     if image.ndim == 2 or image.shape[-1] == 1:

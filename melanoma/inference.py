@@ -74,10 +74,11 @@ class Scorer(nn.Module):
     through each network as one batch."""
 
     def __init__(self, members: nn.Module | list[nn.Module], spec: PreprocessSpec, tta: str = "none"):
+        """``members``: one network, or an ensemble's (a list or ``nn.ModuleList``)."""
         super().__init__()
         if tta not in TTA_VIEWS:
             raise SettingsError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
-        self.members = nn.ModuleList(members if isinstance(members, (list, tuple)) else [members])
+        self.members = nn.ModuleList(members if isinstance(members, (list, tuple, nn.ModuleList)) else [members])
         self.tta = tta
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1) * 255, persistent=False)

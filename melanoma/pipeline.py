@@ -25,13 +25,13 @@ from melanoma.data.dataset import PreparedData, cache_dir
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import read_file
 from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
-from melanoma.data.training_data import load_data
+from melanoma.data.training_data import TrainingData, load_data
 from melanoma.engine import checked_engine
 from melanoma.evaluate import (Predictions, classification_metrics, external_names, operating_point, score_folder,
                                source_metrics)
 from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
                               sets_figure)
-from melanoma.gradcam import GradCAM, fit_longest_side, overlay_on_photo, side_by_side
+from melanoma.gradcam import ensemble_gradcam, fit_longest_side, overlay_on_photo, side_by_side
 from melanoma.inference import Scorer, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.reporting import dataset_params, log_set
@@ -47,13 +47,15 @@ AUDIT_METRICS = ("border_probe_auc", "exact_duplicate_pairs", "near_duplicate_pa
 def gradcam_examples(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, probs: np.ndarray,
                      threshold: float, spec: PreprocessSpec, per_class: int, seed: int, device: torch.device):
     """Grad-CAM figure for ``per_class`` random images of each class among ``idx`` (``probs``
-    are theirs), each shown on its original photo at a readable size."""
+    are theirs), each shown on its original photo at a readable size. ``model``: one network,
+    or an ensemble's ``nn.ModuleList``."""
     rng = np.random.default_rng(seed)
     labels = data.labels[idx]
     chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in (0, 1)])
     x = to_model_input(torch.from_numpy(np.asarray(data.images[idx[chosen]])), spec, device)
-    with GradCAM(model, gradcam_layer(model, spec.img_size, spec.channels)) as cam:
-        maps = cam(x).cpu().numpy()
+    members = list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+    layers = [gradcam_layer(m, spec.img_size, spec.channels) for m in members]
+    maps = ensemble_gradcam(members, layers, x).cpu().numpy()
     panels = []
     for i, heat in zip(chosen, maps):
         image = decode_for_model(read_file(data.locations[idx[i]], data.paths[idx[i]]), spec)
@@ -157,7 +159,20 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
     log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
     tracking.log_figure(history_figure(result.history), "training/history.png")
+    report = report_model(model, cfg.model, run_data, cfg, device, validation_sensitivity)
+    if saver is not None:
+        saver.remove_local()
+    report.summary["best_val_auc"] = result.best_val_auc
+    return report
 
+
+def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: TrainingData, cfg: TrainConfig,
+                 device: torch.device, validation_sensitivity: float | None = None) -> TrainingReport:
+    """A trained network (or an ensemble's ``nn.ModuleList``, one name per member) calibrated
+    and given its operating threshold on validation, every set reported with intervals, figures,
+    and logged as the run's model with its card; inside the active run."""
+    spec = cfg.preprocess_spec()
+    data, val_idx, test_idx = run_data.data, run_data.val_idx, run_data.data.indices("test")
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
     # The final figures come from the engine the logged model will be served with.
     engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta), np.asarray(data.images[val_idx[:256]]),
@@ -208,15 +223,13 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
                         "evaluation/operating_point_by_set.png")
 
     example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
-    model_uri = tracking.log_classifier(model.cpu(), cfg.model, spec, point.threshold, example_bytes, calibration,
+    model_uri = tracking.log_classifier(model.cpu(), model_name, spec, point.threshold, example_bytes, calibration,
                                         graph, {"target_sensitivity": cfg.target_sensitivity, "tta": cfg.tta,
                                          "threshold_rule": threshold_rule,
                                          "threshold_validation_sensitivity": validation_sensitivity or cfg.target_sensitivity})
     mlflow.set_tag("model_uri", model_uri)
     card.log_card(mlflow.active_run().info.run_id)
-    if saver is not None:
-        saver.remove_local()
     report = sets[report_split]
-    summary = {"report_split": report_split, "threshold": point.threshold, "best_val_auc": result.best_val_auc,
-               "model_uri": model_uri, **{f"{report_split}_{k}": v for k, v in report.items()}}
+    summary = {"report_split": report_split, "threshold": point.threshold, "model_uri": model_uri,
+               **{f"{report_split}_{k}": v for k, v in report.items()}}
     return TrainingReport(summary, Predictions(val_labels, val_probs, groups[val_idx]), holdout)

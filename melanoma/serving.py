@@ -30,7 +30,7 @@ from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, Regi
                                          model_region, preprocess)
 from melanoma.data.records import CLASSES
 from melanoma.engine import OnnxEngine, TorchEngine, onnx_usable
-from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
+from melanoma.gradcam import ensemble_gradcam, overlay, overlay_on_photo
 from melanoma.inference import TTA_VIEWS, Scorer, select_device, to_model_input
 from melanoma.models import build_model, gradcam_layer
 
@@ -92,6 +92,20 @@ def encode_png_base64(rgb: np.ndarray) -> str:
     return base64.b64encode(png.tobytes()).decode("ascii")
 
 
+def network_names(settings: dict) -> list[str]:
+    """The architecture of each network a logged model averages (one, or an ensemble's members)."""
+    return settings.get("members") or [settings["model"]]
+
+
+def build_network(settings: dict, channels: int) -> torch.nn.Module:
+    """The logged network, untrained: one model, or an ensemble's members as an ``nn.ModuleList``
+    (the layout of its weights file)."""
+    names = network_names(settings)
+    if len(names) == 1:
+        return build_model(names[0], channels)
+    return torch.nn.ModuleList(build_model(name, channels) for name in names)
+
+
 class MelanomaClassifier(mlflow.pyfunc.PythonModel):
     """Loads the weights and settings logged with the model; scores base64 image files."""
 
@@ -105,10 +119,11 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         self.threshold = float(self.settings["threshold"])  # on the calibrated scale
         self.calibration = Calibration(**self.settings.get("calibration", {}))
         self.device = select_device()
-        self.model = build_model(self.settings["model"], self.spec.channels)
+        self.model = build_network(self.settings, self.spec.channels)
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.gradcam_layer = gradcam_layer(self.model, self.spec.img_size, self.spec.channels)
+        self.members = list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
+        self.gradcam_layers = [gradcam_layer(m, self.spec.img_size, self.spec.channels) for m in self.members]
         tta = self.settings.get("tta", "none")
         if onnx is not None and onnx_usable(self.device):
             self.engine = OnnxEngine(str(onnx), views=TTA_VIEWS[tta])
@@ -162,7 +177,7 @@ class MelanomaClassifier(mlflow.pyfunc.PythonModel):
         return overlay_on_photo(photo, cam, region, OVERLAY_MAX_SIDE)
 
     def gradcam(self, images: np.ndarray) -> np.ndarray:
-        """Grad-CAM maps (N, H, W) in [0, 1] for each image's predicted class."""
+        """Grad-CAM maps (N, H, W) in [0, 1] for each image's predicted class (an ensemble's:
+        each member's map for that class, averaged)."""
         x = to_model_input(torch.from_numpy(images), self.spec, self.device)
-        with GradCAM(self.model, self.gradcam_layer) as cam:
-            return cam(x).cpu().numpy()
+        return ensemble_gradcam(self.members, self.gradcam_layers, x).cpu().numpy()

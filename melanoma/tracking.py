@@ -85,11 +85,12 @@ def _opencv_requirement() -> str:
     return "opencv-python-headless"
 
 
-def pip_requirements(model_name: str) -> list[str]:
+def pip_requirements(model_names: list[str]) -> list[str]:
     """The served model's requirements, pinned to what trained it (timm only for timm models)."""
     from melanoma.architectures import architecture
 
-    packages = [*SERVING_PACKAGES, *(["timm"] if architecture(model_name).library == "timm" else [])]
+    timm = any(architecture(name).library == "timm" for name in model_names)
+    packages = [*SERVING_PACKAGES, *(["timm"] if timm else [])]
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
     return [f"mlflow=={mlflow.__version__}", _opencv_requirement(), *pins]
 
@@ -103,12 +104,15 @@ def serving_code(folder: Path) -> Path:
     return target
 
 
-def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec, threshold: float,
+def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: PreprocessSpec, threshold: float,
                    example_image: bytes, calibration: Calibration = Calibration(), onnx_graph: bytes | None = None,
                    extra_settings: dict | None = None) -> str:
     """Log the trained network as a self-contained pyfunc (models-from-code, the serving code
-    bundled), with its checked ONNX graph where there is one; returns the model URI."""
-    settings = {"model": model_name, "preprocess": spec.to_dict(), "threshold": threshold,
+    bundled), with its checked ONNX graph where there is one; returns the model URI. An
+    ensemble is an ``nn.ModuleList`` with one architecture name per member."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    members = {"members": names} if len(names) > 1 else {}
+    settings = {"model": "+".join(names), **members, "preprocess": spec.to_dict(), "threshold": threshold,
                 "calibration": calibration.to_dict(), **(extra_settings or {})}
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
@@ -128,7 +132,7 @@ def log_classifier(model: torch.nn.Module, model_name: str, spec: PreprocessSpec
             code_paths=[str(serving_code(Path(tmp) / "code"))],
             signature=infer_signature(example, output_example, params={"explain": False}),
             input_example=example,
-            pip_requirements=pip_requirements(model_name),
+            pip_requirements=pip_requirements(names),
         )
     return info.model_uri
 

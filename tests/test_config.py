@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melanoma.config import AdaptSettings, CrossvalSettings, SearchSettings, TrainConfig, parse_bool
+from melanoma.config import AdaptSettings, CrossvalSettings, EnsembleSettings, SearchSettings, TrainConfig, parse_bool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,7 @@ def mlflow_default(value):
     ("search", (TrainConfig(), SearchSettings()), set()),
     ("crossval", (TrainConfig(), CrossvalSettings()), set()),
     ("adapt", (AdaptSettings(),), set()),
+    ("ensemble", (EnsembleSettings(),), set()),
 ])
 def test_mlproject_entry_points_take_their_settings_objects(entry, settings, extra):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]

@@ -1,11 +1,22 @@
-"""The ensemble check: logged runs re-scored, combined, thresholds chosen on validation."""
+"""Ensembles: the research check (experiments/ensemble.py: logged runs re-scored and combined)
+and the ensemble model (melanoma ensemble: logged, registered, loaded and served)."""
 
+import base64
 import json
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import ensemble
+from melanoma.cli import main
+from melanoma.config import REGISTERED_MODEL, EnsembleSettings, TrainConfig
+from melanoma.data.training_data import load_data
+from melanoma.ensemble import run_ensemble
+from melanoma.errors import SettingsError
 
 
 def test_one_run_reproduces_its_own_threshold_and_external_figure(trained_runs, demo_root, tmp_path, monkeypatch):
@@ -29,3 +40,59 @@ def test_runs_split_differently_are_refused(trained_runs, demo_root, monkeypatch
     trained_runs.activate(monkeypatch)
     with pytest.raises(ValueError, match="split differently"):
         ensemble.main([trained_runs.cnn, trained_runs.other_split, "--external", str(demo_root / "test" / "benign")])
+
+
+# The ensemble as a model (melanoma.ensemble): logged, registered, loaded and served.
+
+def jpeg_base64(demo_root) -> str:
+    path = next((demo_root / "test" / "malignant").glob("*.jpg"))
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_an_ensemble_logs_registers_loads_and_serves_the_averaged_logits(trained_runs, demo_root, monkeypatch):
+    trained_runs.activate(monkeypatch)
+    members = [trained_runs.cnn, trained_runs.second]
+    with mlflow.start_run() as run:
+        summary = run_ensemble(EnsembleSettings(runs=",".join(members), bootstrap=50, alias="champion"))
+    assert summary["members"] == members and summary["model"] == "cnn+cnn"
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    assert version.run_id == run.info.run_id and "An ensemble" in version.description
+
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    classifier = served.unwrap_python_model()
+    assert classifier.settings["members"] == ["cnn", "cnn"] and len(classifier.members) == 2
+    assert classifier.engine.name == "onnxruntime"  # one graph for both members
+    frame = pd.DataFrame({"image": [jpeg_base64(demo_root)]})
+    out = served.predict(frame, params={"explain": True})
+    assert set(out.columns) >= {"malignant_probability", "label", "gradcam_png"}
+
+    images, _ = classifier.preprocess_rows([base64.b64decode(frame["image"][0])])
+    member_logits = [mlflow.pyfunc.load_model(f"runs:/{m}/model").unwrap_python_model().engine.logits(images)
+                     for m in members]
+    expected = classifier.calibration.probabilities(torch.stack(member_logits).mean(0))
+    assert out["malignant_probability"][0] == pytest.approx(float(expected[0]), abs=1e-4)
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.params["lr"] == "0.001,0.003" and logged.data.tags["ensemble_runs"] == ",".join(members)
+    assert logged.data.metrics["threshold"] == pytest.approx(classifier.threshold)
+
+
+def test_members_validated_on_other_images_are_refused_with_the_reason(trained_runs, monkeypatch):
+    trained_runs.activate(monkeypatch)
+    with mlflow.start_run(), pytest.raises(SettingsError, match="validation split seed 42 vs 7"):
+        run_ensemble(EnsembleSettings(runs=f"{trained_runs.cnn},{trained_runs.other_split}", bootstrap=0))
+
+
+@pytest.mark.parametrize("runs, message", [("abc", "at least two training runs"), ("abc,abc", "names a run twice")])
+def test_the_cli_names_a_bad_ensemble_in_one_line(runs, message, capsys):
+    assert main(["ensemble", "--runs", runs]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_fixed_split_seed_gives_seeds_the_same_validation_images(demo_root):
+    def val_idx(**settings):
+        cfg = TrainConfig(data=str(demo_root), img_size=32, **settings)
+        return load_data(cfg, cfg.preprocess_spec()).val_idx
+
+    np.testing.assert_array_equal(val_idx(seed=1, split_seed=5), val_idx(seed=2, split_seed=5))
+    assert not np.array_equal(val_idx(seed=1), val_idx(seed=2))

@@ -188,13 +188,14 @@ def imported_distributions(modules: tuple[str, ...]) -> set[str]:
 
 
 def test_served_requirements_are_what_the_serving_path_imports():
-    def required(model: str) -> set[str]:
-        return {r.split("==")[0].lower() for r in pip_requirements(model)}
+    def required(*models: str) -> set[str]:
+        return {r.split("==")[0].lower() for r in pip_requirements(list(models))}
 
     imported = imported_distributions(SERVING_MODULES)
-    # timm is imported only to build timm models, and required only by them.
+    # timm is imported only to build timm models, and required only by them (or an ensemble with one).
     assert required("efficientnet_lite0") == imported
     assert required("resnet18") == imported - {"timm"}
+    assert required("resnet18", "efficientnet_lite0") == imported
 
 
 def test_line_wrapped_base64_is_accepted(classifier):

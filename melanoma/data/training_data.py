@@ -43,6 +43,6 @@ def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> TrainingData:
         holdout, pool = np.flatnonzero(left_out), pool[~left_out[pool]]
         if not len(pool):
             raise SettingsError(f"holding out {cfg.holdout_source!r} leaves nothing to train on")
-    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.seed, pool)
+    fit_idx, val_idx = split_train_val(data, cfg.val_fraction, cfg.validation_seed, pool)
     return TrainingData([demo.get(path, Path(path)) for _, path in entries], "demo" in dict(entries).values(),
                         data, fit_idx, val_idx, holdout)
