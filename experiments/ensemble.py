@@ -20,16 +20,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from melanoma.data.dataset import prepare_dataset, split_train_val
+from melanoma.data.dataset import prepare_dataset
+from melanoma.data.training_data import load_data
+from melanoma.ensemble import Member, check_members, load_member
 from melanoma.evaluate import classification_metrics, external_names, operating_point
 from melanoma.engine import checked_engine
 from melanoma.inference import Scorer
 
 log = logging.getLogger("melanoma.ensemble")
-
-# What must agree between runs for their validation splits to be the same images.
-SPLIT_PARAMS = ("data_location", "val_fraction", "seed")
-
 
 def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
     """Malignant probability per image through the model's own engine, or with its four flips
@@ -41,20 +39,14 @@ def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
     return classifier.calibration.probabilities(engine.logits(np.asarray(images)))
 
 
-def score_run(run_id: str, external: list[str]) -> dict:
+def score_run(member: Member, external: list[str]) -> dict:
     """Validation labels, and probabilities (plain and flip-averaged) on validation and each external folder."""
-    run = mlflow.get_run(run_id)
-    if "model_uri" not in run.data.tags:
-        raise ValueError(f"run {run_id} has no logged model (tag model_uri): is it a finished training run?")
-    classifier = mlflow.pyfunc.load_model(run.data.tags["model_uri"]).unwrap_python_model()
-    params = run.data.params
-    data = prepare_dataset(params["data_location"], classifier.spec)
-    _, val_idx = split_train_val(data, float(params["val_fraction"]), int(params["seed"]))
-    sets = {"val": data.images[val_idx]}
+    classifier = member.classifier
+    data = load_data(member.cfg, classifier.spec)
+    sets = {"val": data.data.images[data.val_idx]}
     for name, folder in external_names(external).items():
         sets[name] = prepare_dataset(folder, classifier.spec, require_train=False).images
-    return {"name": run.info.run_name, "split": tuple(params[p] for p in SPLIT_PARAMS),
-            "val_labels": data.labels[val_idx],
+    return {"name": mlflow.get_run(member.run_id).info.run_name, "val_labels": data.data.labels[data.val_idx],
             "probs": {flips: {k: probabilities(classifier, images, flips) for k, images in sets.items()}
                       for flips in (False, True)}}
 
@@ -82,11 +74,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
 
-    scored = [score_run(run_id, args.external) for run_id in args.runs]
-    for run in scored[1:]:
-        if run["split"] != scored[0]["split"]:
-            raise ValueError(f"run {run['name']} was split differently ({dict(zip(SPLIT_PARAMS, run['split']))}) "
-                             f"from {scored[0]['name']} ({dict(zip(SPLIT_PARAMS, scored[0]['split']))})")
+    members = [load_member(run_id) for run_id in args.runs]
+    check_members(members)  # validated on the same images, or an error saying what differs
+    scored = [score_run(member, args.external) for member in members]
     rows = [combination_row(list(combo), flips, args.target_sensitivity)
             for size in range(1, len(scored) + 1) for combo in itertools.combinations(scored, size)
             for flips in (False, True)]

@@ -1,10 +1,10 @@
 """Re-scoring the held-out sources of finished cross-source validations, without retraining.
 
-    python -m experiments.heldout views --runs CROSSVAL_ID [CROSSVAL_ID ...] --out docs/crossval_views_cpu.json
+    python -m experiments.heldout views --runs CROSSVAL_ID [CROSSVAL_ID ...] [--views none,flip] --out docs/crossval_views_cpu.json
     python -m experiments.heldout sites --runs CROSSVAL_ID --out docs/site_adaptation_cpu.json
 
-``views``: each crossval run's held-out children scored with every test-time augmentation, and
-(with several runs) the ensemble of the runs' children averaged; per source the AUC and what the
+``views``: each crossval run's held-out children scored with each test-time augmentation, and
+(with several runs, validated on one split) every combination of them as an ensemble; per source the AUC and what the
 validation and crossval threshold rules give (``melanoma.crossval``).
 
 ``sites``: each held-out source treated as a new clinic that adopts the model trained without
@@ -16,6 +16,7 @@ towards the site's photos, measured by the AUC and the sensitivity at the model'
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -82,13 +83,13 @@ def summarize(reports: dict[str, TrainingReport], target: float) -> dict:
     return {"sources": rows, "worst_auc": min(aucs), "mean_auc": float(np.mean(aucs))}
 
 
-def screen_views(run_ids: list[str]) -> dict:
-    """Every test-time augmentation of each run's children, and the runs' ensemble."""
+def screen_views(run_ids: list[str], views: list[str]) -> dict:
+    """Each test-time augmentation in ``views`` of each run's children, and the runs' ensembles."""
     results, by_source = {}, {}
     for run_id in run_ids:
         for source, child in children(run_id).items():
             classifier, cfg, inputs = child_inputs(child)
-            for tta in TTA_VIEWS:
+            for tta in views:
                 pair = (logits(classifier.model, classifier.spec, tta, inputs["val"][0]),
                         logits(classifier.model, classifier.spec, tta, inputs["held"][0]))
                 by_source.setdefault((run_id, tta), {})[source] = (pair, inputs, cfg)
@@ -96,15 +97,22 @@ def screen_views(run_ids: list[str]) -> dict:
         reports = {s: report_of(*pair, inputs, cfg.calibration) for s, (pair, inputs, cfg) in sources.items()}
         results[f"{run_id}:{tta}"] = summarize(reports, next(iter(sources.values()))[2].target_sensitivity)
         log.info("%s tta=%s: worst AUC %.4f", run_id, tta, results[f"{run_id}:{tta}"]["worst_auc"])
-    if len(run_ids) > 1:  # the ensemble: logits averaged over the runs' children, per view setting
-        for tta in TTA_VIEWS:
-            reports = {}
-            for source in by_source[(run_ids[0], tta)]:
-                members = [by_source[(r, tta)][source] for r in run_ids]
-                val = torch.stack([m[0][0] for m in members]).mean(0)
-                held = torch.stack([m[0][1] for m in members]).mean(0)
-                reports[source] = report_of(val, held, members[0][1], members[0][2].calibration)
-            results[f"ensemble:{tta}"] = summarize(reports, 0.9)
+    # Ensembles of every combination of the runs: logits averaged over their children, per view setting.
+    for size in range(2, len(run_ids) + 1):
+        for combination in itertools.combinations(run_ids, size):
+            for tta in views:
+                reports = {}
+                for source in by_source[(combination[0], tta)]:
+                    members = [by_source[(r, tta)][source] for r in combination]
+                    if any(not np.array_equal(m[1]["val"][2], members[0][1]["val"][2]) for m in members):
+                        raise ValueError(f"runs {combination} validated on other images: an ensemble's threshold "
+                                         "would be chosen on images a member trained on (use one --split_seed)")
+                    val = torch.stack([m[0][0] for m in members]).mean(0)
+                    held = torch.stack([m[0][1] for m in members]).mean(0)
+                    reports[source] = report_of(val, held, members[0][1], members[0][2].calibration)
+                results[f"ensemble:{'+'.join(combination)}:{tta}"] = summarize(reports, 0.9)
+                log.info("ensemble %s tta=%s: worst AUC %.4f", combination, tta,
+                         results[f"ensemble:{'+'.join(combination)}:{tta}"]["worst_auc"])
     return results
 
 
@@ -183,10 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("mode", choices=("views", "sites"))
     parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
     parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--views", default="none,flip", help=f"test-time views to screen, of {', '.join(TTA_VIEWS)}")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = screen_views(args.runs) if args.mode == "views" else screen_sites(args.runs[0], draws=args.draws)
+    results = screen_views(args.runs, args.views.split(",")) if args.mode == "views" else screen_sites(args.runs[0], draws=args.draws)
     text = json.dumps(results, indent=2, default=float)
     if args.out:
         args.out.write_text(text)

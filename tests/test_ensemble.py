@@ -38,7 +38,7 @@ def test_one_run_reproduces_its_own_threshold_and_external_figure(trained_runs, 
 
 def test_runs_split_differently_are_refused(trained_runs, demo_root, monkeypatch):
     trained_runs.activate(monkeypatch)
-    with pytest.raises(ValueError, match="split differently"):
+    with pytest.raises(ValueError, match="cannot form an ensemble"):
         ensemble.main([trained_runs.cnn, trained_runs.other_split, "--external", str(demo_root / "test" / "benign")])
 
 
