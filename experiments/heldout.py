@@ -148,17 +148,6 @@ def site_draws(site: Predictions, sizes: tuple[int, ...], draws: int, target: fl
     return out
 
 
-def first_layers_only(model: torch.nn.Module, images, spec, share: float, fraction: float) -> None:
-    """AdaBN on the first ``fraction`` of the BatchNorm layers only (the others keep the model's)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    keep = layers[int(len(layers) * fraction):]
-    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in keep]
-    adapt_batchnorm(model, images, spec, share)
-    for m, (mean, var) in zip(keep, saved):
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-
-
 def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200) -> dict:
     results = {}
     for source, child in children(run_id).items():
@@ -173,10 +162,10 @@ def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200) -> di
                "unadapted": {k: at_model[k] for k in ("auc", "sensitivity", "specificity")},
                "draws": site_draws(site, sizes, draws, cfg.target_sensitivity, classifier.threshold, 30)}
         state = {k: v.clone() for k, v in classifier.model.state_dict().items()}
-        for name, share, fraction in (("adabn_full", 1.0, 1.0), ("adabn_half", 0.5, 1.0), ("adabn_quarter", 0.25, 1.0),
-                                      ("adabn_first_third", 1.0, 1 / 3)):
+        for name, share, depth in (("adabn_full", 1.0, 1.0), ("adabn_half", 0.5, 1.0), ("adabn_quarter", 0.25, 1.0),
+                                   ("adabn_first_third", 1.0, 1 / 3)):
             classifier.model.load_state_dict(state)
-            first_layers_only(classifier.model, images, classifier.spec, share, fraction)
+            adapt_batchnorm(classifier.model, images, classifier.spec, share, depth)
             adapted = classifier.calibration.probabilities(logits(classifier.model, classifier.spec, "none", images))
             m = classification_metrics(labels, adapted, classifier.threshold)
             row[name] = {k: m[k] for k in ("auc", "sensitivity", "specificity")}

@@ -94,13 +94,24 @@ def site_operating_point(site: Predictions, target: float, resamples: int = 1000
                               float(np.mean(probs[labels == 0] < threshold)), interval(spec))
 
 
+def batchnorm_layers(model: nn.Module, depth: float = 1.0) -> list[nn.Module]:
+    """The first ``depth`` of each network's BatchNorm layers, counted from the input (an
+    ensemble's ``nn.ModuleList``: of each member's)."""
+    layers = []
+    for network in (model if isinstance(model, nn.ModuleList) else [model]):
+        found = [m for m in network.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        layers += found[:math.ceil(len(found) * depth)]
+    return layers
+
+
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, share: float,
-                    batch_size: int = 64) -> int:
-    """Mix every BatchNorm layer's running statistics towards those of ``images`` (the site's
-    photos): ``share`` of the site's, ``1 - share`` of the model's own (AdaBN at 1). Weights are
-    untouched. Returns the number of layers adapted."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+                    depth: float = 1.0, batch_size: int = 64) -> int:
+    """Mix BatchNorm running statistics towards those of ``images`` (the site's photos):
+    ``share`` of the site's, ``1 - share`` of the model's own (AdaBN at 1), in the first
+    ``depth`` of the layers (the rest keep the model's). Weights are untouched. Returns the
+    number of layers adapted."""
+    layers = batchnorm_layers(model, depth)
     if not layers or share == 0:
         return 0
     before = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
@@ -163,7 +174,8 @@ def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint
                   f"the benign lesions alone (95 %, out-of-bootstrap).", ""]
     lines += [f"Threshold served: {chosen:.4f} ({reason}).",
               f"Calibration {'refitted on the site' if calibration_refitted else 'as trained'}; "
-              + (f"BatchNorm statistics: {settings.adabn:.0%} the site's ({adabn_layers} layers)."
+              + (f"BatchNorm statistics: {settings.adabn:.0%} the site's ({adabn_layers} layers"
+                 f"{', the first from the input' if settings.adabn_depth < 1 else ''})."
                  if adabn_layers else "BatchNorm statistics as trained."), ""]
     return "\n".join(lines)
 
@@ -181,7 +193,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     adabn_layers = 0
     if settings.adabn:
         unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
-        adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn)
+        adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn, settings.adabn_depth)
         mlflow.log_metrics({"adabn_photos": len(unlabelled), "adabn_layers": adabn_layers})
     tta = classifier.settings.get("tta", "none")
     engine, graph, _ = checked_engine(Scorer(model, spec, tta), np.asarray(site.images[:256]), device)
@@ -227,7 +239,8 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels))
     site_settings = {**{k: v for k, v in classifier.settings.items() if k not in ("threshold", "calibration")},
                      "site": {"name": settings.site, "adapted_from": settings.model, "date": datetime.date.today().isoformat(),
-                              "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn}}
+                              "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn,
+                              "adabn_depth": settings.adabn_depth}}
     example_bytes = read_file(site.source, site.paths[0])
     model_uri = tracking.log_classifier(model, network_names(classifier.settings), spec, chosen, example_bytes,
                                         calibration, graph, site_settings)

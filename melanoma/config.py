@@ -196,6 +196,7 @@ class AdaptSettings:
     force_threshold: bool = False  # use the site's threshold even with fewer than min_melanomas
     recalibrate: bool = False  # refit the model's calibration on the site's labelled photos
     adabn: float = 0.0  # share of the site's BatchNorm statistics (0: the model's, 1: the site's alone)
+    adabn_depth: float = 1.0  # the share of the BatchNorm layers adapted, from the input (the rest keep the model's)
     registered_model: str = REGISTERED_MODEL
     register: bool = True  # register the site version (alias site-<site>)
     bootstrap: int = 1000
@@ -211,6 +212,8 @@ class AdaptSettings:
             raise SettingsError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
         if not 0 <= self.adabn <= 1:
             raise SettingsError(f"adabn must be in [0, 1], got {self.adabn}")
+        if not 0 < self.adabn_depth <= 1:
+            raise SettingsError(f"adabn_depth must be in (0, 1], got {self.adabn_depth}")
         if self.bootstrap < 0 or self.min_melanomas < 1:
             raise SettingsError("bootstrap must not be negative and min_melanomas must be positive")
 

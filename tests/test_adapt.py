@@ -64,6 +64,17 @@ def trained_model(trained_runs, monkeypatch) -> str:
     return f"runs:/{trained_runs.cnn}/model"
 
 
+
+def test_only_the_first_layers_of_each_member_adapt_with_a_depth():
+    torch.manual_seed(0)
+    pair = torch.nn.ModuleList([build_model("cnn", 3).eval(), build_model("cnn", 3).eval()])
+    before = [m.running_mean.clone() for m in pair.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bright = np.full((16, 3, 32, 32), 230, np.uint8)
+    assert adapt_batchnorm(pair, bright, PreprocessSpec(img_size=32, channels=3), share=1.0, depth=1 / 3) == 2
+    after = [m.running_mean for m in pair.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    moved = [not torch.allclose(a, b) for a, b in zip(after, before)]
+    assert moved == [True, False, False, True, False, False]  # each member's first of three layers
+
 def test_a_site_version_carries_its_threshold_alias_and_card_and_serves(trained_model, demo_root):
     settings = AdaptSettings(model=trained_model, site="clinic-a", data=str(demo_root), min_melanomas=5,
                              bootstrap=100, adabn=0.5, registered_model="adapt-test")
