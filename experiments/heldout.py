@@ -1,7 +1,7 @@
 """Re-scoring the held-out sources of finished cross-source validations, without retraining.
 
     python -m experiments.heldout views --runs CROSSVAL_ID [CROSSVAL_ID ...] [--views none,flip] --out docs/crossval_views_cpu.json
-    python -m experiments.heldout sites --runs CROSSVAL_ID --out docs/site_adaptation_cpu.json
+    python -m experiments.heldout sites --runs CROSSVAL_ID [--adabn_photos 200 --adabn_draws 3] --out docs/site_adaptation_cpu.json
 
 ``views``: each crossval run's held-out children scored with each test-time augmentation, and
 (with several runs, validated on one split) every combination of them as an ensemble; per source the AUC and what the
@@ -148,7 +148,16 @@ def site_draws(site: Predictions, sizes: tuple[int, ...], draws: int, target: fl
     return out
 
 
-def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200) -> dict:
+ADABN_VARIANTS = {"adabn_full": (1.0, 1.0), "adabn_half": (0.5, 1.0), "adabn_quarter": (0.25, 1.0),
+                  "adabn_first_third": (1.0, 1 / 3)}  # name: (share of the site's statistics, depth)
+
+
+def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200, adabn_photos: int = 0,
+                 adabn_draws: int = 1, seed: int = 0) -> dict:
+    """Each held-out source as a new site: threshold draws, and every AdaBN variant measured by
+    the AUC and the figures at the model's threshold. With ``adabn_photos`` the statistics come
+    from that many random site photos (``adabn_draws`` times) and are measured on the rest."""
+    rng = np.random.default_rng(seed)
     results = {}
     for source, child in children(run_id).items():
         classifier, cfg, inputs = child_inputs(child)
@@ -159,17 +168,25 @@ def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200) -> di
         site = Predictions(labels, classifier.calibration.probabilities(base_logits), groups)
         at_model = classification_metrics(labels, site.probs, classifier.threshold)
         row = {"photos": len(labels), "melanomas": int(labels.sum()),
-               "unadapted": {k: at_model[k] for k in ("auc", "sensitivity", "specificity")},
-               "draws": site_draws(site, sizes, draws, cfg.target_sensitivity, classifier.threshold, 30)}
+               "unadapted": {k: at_model[k] for k in ("auc", "sensitivity", "specificity")}}
+        if draws:
+            row["draws"] = site_draws(site, sizes, draws, cfg.target_sensitivity, classifier.threshold, 30)
         state = {k: v.clone() for k, v in classifier.model.state_dict().items()}
-        for name, share, depth in (("adabn_full", 1.0, 1.0), ("adabn_half", 0.5, 1.0), ("adabn_quarter", 0.25, 1.0),
-                                   ("adabn_first_third", 1.0, 1 / 3)):
-            classifier.model.load_state_dict(state)
-            adapt_batchnorm(classifier.model, images, classifier.spec, share, depth)
-            adapted = classifier.calibration.probabilities(logits(classifier.model, classifier.spec, "none", images))
-            m = classification_metrics(labels, adapted, classifier.threshold)
-            row[name] = {k: m[k] for k in ("auc", "sensitivity", "specificity")}
-            log.info("%s %s: AUC %.4f -> %.4f", source, name, row["unadapted"]["auc"], m["auc"])
+        for name, (share, depth) in ADABN_VARIANTS.items():
+            changes = []
+            for _ in range(adabn_draws if adabn_photos else 1):
+                used = rng.permutation(len(labels))[:adabn_photos] if adabn_photos else np.arange(len(labels))
+                rest = np.setdiff1d(np.arange(len(labels)), used) if adabn_photos else used
+                classifier.model.load_state_dict(state)
+                adapt_batchnorm(classifier.model, images[np.sort(used)], classifier.spec, share, depth)
+                adapted = classifier.calibration.probabilities(
+                    logits(classifier.model, classifier.spec, "none", images[rest]))
+                before = classification_metrics(labels[rest], site.probs[rest], classifier.threshold)
+                after = classification_metrics(labels[rest], adapted, classifier.threshold)
+                changes.append({f"{k}_change": after[k] - before[k] for k in ("auc", "sensitivity", "specificity")})
+            row[name] = {k: float(np.mean([c[k] for c in changes])) for k in changes[0]}
+            row[name]["auc_change_range"] = [min(c["auc_change"] for c in changes), max(c["auc_change"] for c in changes)]
+            log.info("%s %s: AUC change %+.4f", source, name, row[name]["auc_change"])
         classifier.model.load_state_dict(state)
         results[source] = row
     return results
@@ -181,10 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--views", default="none,flip", help=f"test-time views to screen, of {', '.join(TTA_VIEWS)}")
+    parser.add_argument("--adabn_photos", type=int, default=0, help="sites: BatchNorm statistics from this many photos")
+    parser.add_argument("--adabn_draws", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = screen_views(args.runs, args.views.split(",")) if args.mode == "views" else screen_sites(args.runs[0], draws=args.draws)
+    if args.mode == "views":
+        results = screen_views(args.runs, args.views.split(","))
+    else:
+        results = screen_sites(args.runs[0], draws=args.draws, adabn_photos=args.adabn_photos,
+                               adabn_draws=args.adabn_draws)
     text = json.dumps(results, indent=2, default=float)
     if args.out:
         args.out.write_text(text)
