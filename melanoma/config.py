@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 REGISTERED_MODEL = "melanoma-classifier"
 DEFAULT_ALIAS = "champion"
-AUGMENTATIONS = ("none", "flip", "style", "full")
+AUGMENTATIONS = ("none", "flip", "color", "style", "full")
 BALANCES = ("class", "source")
 OPTIMIZERS = ("adamw", "adam")
 PRUNERS = ("median", "none")
@@ -57,10 +57,11 @@ class TrainConfig:
     wise_alpha: float = 1.0  # < 1: mix the pretrained backbone back in at the end (WiSE-FT)
     patience: int = 3  # early stopping: epochs without val_auc improvement
     val_fraction: float = 0.15
-    augment: str = "flip"  # none | flip | style (flips + colour statistics of another image) | full
+    augment: str = "flip"  # none | flip | color (flips + colour jitter) | style (flips + colour statistics of another image) | full
     color_constancy: bool = False  # Shades of Gray white balance in preprocessing
     mask_corners: bool = False  # black out everything outside the inscribed circle
     crop_lesion: bool = True  # cut each image to the dark blob in its centre (the lesion) first
+    crop_margin: float = 0.2  # skin kept on each side of that blob, as a fraction of its size
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
     tta: str = "none"  # test-time views averaged in evaluation and serving: none | flip | dihedral
     calibration: str = "temperature"  # temperature | isotonic | none: fitted on validation, served
@@ -115,6 +116,8 @@ class TrainConfig:
             raise SettingsError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
         if self.wise_alpha < 1 and (self.pretrained.lower() == "false" or arch.library == "melanoma"):
             raise SettingsError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
+        if not 0 <= self.crop_margin <= 2:
+            raise SettingsError(f"crop_margin must be in [0, 2] (a fraction of the lesion's size), got {self.crop_margin}")
         if self.split_seed < -1:
             raise SettingsError(f"split_seed must be -1 (follow seed) or a seed, got {self.split_seed}")
         if not 0 < self.val_fraction < 1:
@@ -129,7 +132,8 @@ class TrainConfig:
 
         mean, std = input_normalization(self.model, self.pretrained)
         return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
-                              mask_corners=self.mask_corners, crop_lesion=self.crop_lesion, rgb_mean=mean, rgb_std=std)
+                              mask_corners=self.mask_corners, crop_lesion=self.crop_lesion, crop_margin=self.crop_margin,
+                              rgb_mean=mean, rgb_std=std)
 
     @property
     def validation_seed(self) -> int:

@@ -43,12 +43,12 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
 def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Random augmentation of a float batch in [0, 1], one draw per image, no Python loop.
 
-    ``flip``: horizontal and vertical flips. ``style``: flips, and half the batch takes the
-    colour statistics of another image (see ``swap_colour_statistics``). ``full``: any rotation,
-    flips, a random resized crop with aspect-ratio jitter (one affine resampling),
-    brightness/contrast/saturation jitter, and down-and-up scaling of half the batch (blur, as
-    from another camera's optics or resolution). Lesions have no canonical orientation, so
-    every rotation is label-preserving.
+    ``flip``: horizontal and vertical flips. ``color``: flips and ``jitter_colour``.
+    ``style``: flips, and half the batch takes the colour statistics of another image (see
+    ``swap_colour_statistics``). ``full``: any rotation, flips, a random resized crop with
+    aspect-ratio jitter (one affine resampling), ``jitter_colour``, and down-and-up scaling of
+    half the batch (blur, as from another camera's optics or resolution). Lesions have no
+    canonical orientation, so every rotation is label-preserving.
     """
     if mode == "none":
         return x
@@ -59,7 +59,7 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
 
     flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    if mode in ("flip", "style"):
+    if mode in ("flip", "color", "style"):
         angle, scale, aspect = torch.zeros(n), torch.ones(n), torch.ones(n)
         shift = torch.zeros(n, 2)
     else:
@@ -73,20 +73,30 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
                          torch.stack([sin * sx, cos * sy, shift[:, 1]], 1)], 1).to(x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if mode in ("color", "full"):
+        x = jitter_colour(x, generator)
     if mode == "full":
-        view = (n, 1, 1, 1)
-        brightness = uniform(0.8, 1.2).view(view).to(x)
-        contrast = uniform(0.8, 1.2).view(view).to(x)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * contrast + mean * brightness
-        if x.shape[1] == 3:
-            gray = x.mean(dim=1, keepdim=True)
-            x = gray + (x - gray) * uniform(0.8, 1.2).view(view).to(x)
-        x = x.clamp_(0, 1)
         x = down_up_scale(x, generator)
     if mode == "style":
         x = swap_colour_statistics(x, generator)
     return x
+
+
+def jitter_colour(x: torch.Tensor, generator: torch.Generator, strength: float = 0.2) -> torch.Tensor:
+    """Scale each image's brightness, contrast and (RGB) saturation by a random factor in
+    1 +- ``strength``, as another camera, light or white balance would."""
+    view = (len(x), 1, 1, 1)
+
+    def factor() -> torch.Tensor:
+        return (1 + strength * (2 * torch.rand(len(x), generator=generator) - 1)).view(view).to(x)
+
+    brightness, contrast = factor(), factor()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean * brightness
+    if x.shape[1] == 3:
+        gray = x.mean(dim=1, keepdim=True)
+        x = gray + (x - gray) * factor()
+    return x.clamp_(0, 1)
 
 
 def swap_colour_statistics(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:

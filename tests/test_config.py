@@ -41,6 +41,8 @@ def test_mlproject_entry_points_take_their_settings_objects(entry, settings, ext
     ("lr", 0.0, "lr must be positive"),
     ("img_size", 8, "img_size"),
     ("val_fraction", 1.5, "val_fraction"),
+    ("crop_margin", -0.1, r"crop_margin must be in \[0, 2\]"),
+    ("augment", "colour", "augment must be one of"),
 ])
 def test_invalid_settings_are_named(field, value, message):
     model = {"wise_alpha": "cnn", "drop_path": "resnet18"}.get(field, TrainConfig.model)
@@ -77,7 +79,7 @@ def test_preprocessing_defaults_are_the_training_defaults():
     from melanoma.data.preprocessing import PreprocessSpec
 
     spec, cfg = PreprocessSpec(), TrainConfig()
-    for name in ("img_size", "channels", "color_constancy", "mask_corners", "crop_lesion"):
+    for name in ("img_size", "channels", "color_constancy", "mask_corners", "crop_lesion", "crop_margin"):
         assert getattr(spec, name) == getattr(cfg, name), name
 
 

@@ -9,7 +9,7 @@ import torch
 import melanoma.data.preprocessing as preprocessing
 from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize,
                                         preprocess)
-from melanoma.data.preprocessing import lesion_box
+from melanoma.data.preprocessing import lesion_box, model_region
 
 
 def encode(image: np.ndarray, ext: str) -> bytes:
@@ -131,3 +131,13 @@ def test_crop_lesion_spec_zooms_in_on_small_lesions():
     cropped = preprocess(image, PreprocessSpec(img_size=64, crop_lesion=True))
     assert cropped.shape == plain.shape
     assert (cropped.mean(0) < 128).mean() > 2 * (plain.mean(0) < 128).mean()
+
+
+def test_crop_margin_sets_the_skin_around_the_lesion():
+    image = skin_with_lesion(400, 400, centre=(200, 200), radius=80)  # large enough not to hit the 1/3 floor
+    widths = [model_region(image, PreprocessSpec(crop_margin=m)) for m in (0.0, 0.2, 0.5)]
+    sides = [r.x1 - r.x0 for r in widths]
+    assert sides[0] < sides[1] < sides[2]
+    assert sides[2] / sides[0] == pytest.approx(2.0, rel=0.1)  # (1 + 2 * 0.5) / (1 + 0)
+    # Models logged before the setting existed keep the 20 % they were trained with.
+    assert model_region(image, PreprocessSpec(**{"img_size": 96, "crop_lesion": True})) == widths[1]

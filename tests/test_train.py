@@ -15,7 +15,7 @@ from melanoma.train import (augment, class_weights, fit, interpolate_weights, ma
 SPEC = PreprocessSpec(img_size=32)
 
 
-@pytest.mark.parametrize("mode", ["none", "flip", "style", "full"])
+@pytest.mark.parametrize("mode", ["none", "flip", "color", "style", "full"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_augment_keeps_shape_and_range(mode, channels):
     x = torch.rand(6, channels, 32, 32)
@@ -30,6 +30,22 @@ def test_flip_mode_only_flips():
     out = augment(x, "flip", torch.Generator().manual_seed(0))
     for a, b in zip(x, out):
         assert any(torch.allclose(b, v, atol=1e-5) for v in (a, a.flip(-1), a.flip(-2), a.flip(-1).flip(-2)))
+
+
+def test_color_mode_changes_colour_not_layout():
+    # Each image's brightness, contrast and saturation change by one global, increasing map:
+    # sorted by brightness, the pixels before and after lie on one line (flips only permute them).
+    x = torch.rand(16, 3, 8, 8) * 0.5 + 0.25
+    out = augment(x, "color", torch.Generator().manual_seed(0))
+    changed = 0
+    for a, b in zip(x.mean(1).flatten(1), out.mean(1).flatten(1)):
+        before, after = a.sort().values.numpy(), b.sort().values.numpy()
+        slope, intercept = np.polyfit(before, after, 1)
+        assert slope > 0 and np.abs(slope * before + intercept - after).max() < 1e-4
+        changed += not np.allclose(before, after, atol=1e-3)
+    assert changed >= 14
+    flat = augment(torch.full((4, 3, 8, 8), 0.5), "color", torch.Generator().manual_seed(1))
+    assert torch.equal(flat, flat[:, :, :1, :1].expand_as(flat))  # no rotation, crop or blur
 
 
 def test_colour_swap_takes_the_partners_statistics():

@@ -55,6 +55,7 @@ class PreprocessSpec:
     color_constancy: bool = False
     mask_corners: bool = False
     crop_lesion: bool = True
+    crop_margin: float = 0.2  # skin kept on each side of the lesion, as a fraction of its size
     rgb_mean: tuple[float, ...] = IMAGENET_MEAN  # the RGB statistics the model's weights expect
     rgb_std: tuple[float, ...] = IMAGENET_STD
 
@@ -171,11 +172,11 @@ def lesion_box(image: np.ndarray, margin: float = 0.2, min_fraction: float = 1 /
 
 def model_region(image: np.ndarray, spec: PreprocessSpec) -> Region:
     """The part of the image the model sees, as fractions of its width and height:
-    ``lesion_box`` with ``spec.crop_lesion``, else the whole image."""
+    ``lesion_box`` (with ``spec.crop_margin``) when ``spec.crop_lesion``, else the whole image."""
     if not spec.crop_lesion:
         return Region(0.0, 0.0, 1.0, 1.0)
     h, w = image.shape[:2]
-    x, y, bw, bh = lesion_box(image)
+    x, y, bw, bh = lesion_box(image, margin=spec.crop_margin)
     return Region(x / w, y / h, (x + bw) / w, (y + bh) / h)
 
 
