@@ -240,6 +240,10 @@ class EnsembleSettings:
             raise SettingsError(f"--runs names a run twice: {self.runs!r}")
         if self.bootstrap < 0:
             raise SettingsError(f"bootstrap must not be negative, got {self.bootstrap}")
+        from melanoma.inference import TTA_VIEWS
+
+        if self.tta and self.tta not in TTA_VIEWS:
+            raise SettingsError(f"tta must be one of {tuple(TTA_VIEWS)} (or empty: the members' own), got {self.tta!r}")
 
     @property
     def run_ids(self) -> list[str]:

@@ -27,7 +27,7 @@ from melanoma import tracking
 from melanoma.config import EnsembleSettings, TrainConfig, config_from_params
 from melanoma.data.training_data import load_data
 from melanoma.errors import SettingsError
-from melanoma.inference import TTA_VIEWS, select_device
+from melanoma.inference import select_device
 from melanoma.pipeline import TrainingReport, report_model
 from melanoma.reporting import dataset_params
 from melanoma.serving import MelanomaClassifier, network_names
@@ -83,8 +83,6 @@ def check_members(members: list[Member]) -> None:
 def ensemble_tta(members: list[Member], requested: str) -> str:
     """The ensemble's test-time views: the requested ones, else the members' own (which must agree)."""
     if requested:
-        if requested not in TTA_VIEWS:
-            raise SettingsError(f"tta must be one of {tuple(TTA_VIEWS)}, got {requested!r}")
         return requested
     views = {m.classifier.settings.get("tta", "none") for m in members}
     if len(views) > 1:

@@ -83,9 +83,11 @@ def test_members_validated_on_other_images_are_refused_with_the_reason(trained_r
         run_ensemble(EnsembleSettings(runs=f"{trained_runs.cnn},{trained_runs.other_split}", bootstrap=0))
 
 
-@pytest.mark.parametrize("runs, message", [("abc", "at least two training runs"), ("abc,abc", "names a run twice")])
-def test_the_cli_names_a_bad_ensemble_in_one_line(runs, message, capsys):
-    assert main(["ensemble", "--runs", runs]) == 2
+@pytest.mark.parametrize("flags, message", [(["--runs", "abc"], "at least two training runs"),
+                                           (["--runs", "abc,abc"], "names a run twice"),
+                                           (["--runs", "a,b", "--tta", "rotate"], "tta must be one of")])
+def test_the_cli_names_a_bad_ensemble_in_one_line(flags, message, capsys):
+    assert main(["ensemble", *flags]) == 2
     assert message in capsys.readouterr().err
 
 
