@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from melanoma.bench import time_tricks, run_benchmark
+from melanoma.config import TrainConfig
 from melanoma.data.demo import make_demo_dataset
 
 REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", "train_img_per_s_notebook",
@@ -11,7 +12,7 @@ REQUIRED = ["decode_img_per_s", "cached_img_per_s", "notebook_train_img_per_s", 
             "gemm_fraction_default", "notebook_gemm_fraction", "engine_one_ms_onnxruntime", "engine_one_ms_torch",
             "engine_batch32_img_per_s_onnxruntime", "engine_batch32_img_per_s_torch", "engine_one_onnx_speedup",
             "predict_one_ms_onnxruntime", "predict_one_ms_torch", "predict_batch32_img_per_s_onnxruntime",
-            "efficientnet_lite0_predict_one_ms_onnxruntime", "cnn_predict_one_ms_onnxruntime",
+            f"{TrainConfig.model}_predict_one_ms_onnxruntime", "cnn_predict_one_ms_onnxruntime",
             "tta_flip_predict_one_ms_onnxruntime", "tta_dihedral_engine_one_ms_torch"]
 
 
@@ -20,7 +21,7 @@ def test_bench_measures_every_stage_and_writes_json(tmp_path):
     data = make_demo_dataset(tmp_path / "melanoma_cancer_dataset", per_class=8, seed=1, size=128)
     out = tmp_path / "bench.json"
     results = run_benchmark(str(data), out, steps=1, serve=False, requests=3,
-                            models=("efficientnet_lite0", "cnn"))
+                            models=(TrainConfig.model, "cnn"))
     saved = json.loads(out.read_text())
     for key in REQUIRED:
         assert saved[key] > 0, key
