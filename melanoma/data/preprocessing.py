@@ -140,7 +140,8 @@ def mask_outside_circle(image: np.ndarray) -> np.ndarray:
     return image * mask[..., None]
 
 
-def lesion_box(image: np.ndarray, margin: float = 0.2, min_fraction: float = 1 / 3) -> tuple[int, int, int, int]:
+def lesion_box(image: np.ndarray, margin: float = PreprocessSpec.crop_margin,
+               min_fraction: float = 1 / 3) -> tuple[int, int, int, int]:
     """(x, y, width, height) of a crop around the lesion, with the image's aspect ratio.
 
     The lesion is the largest blob darker than the skin (Otsu's threshold on a blurred grayscale
