@@ -20,28 +20,26 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from melanoma.classifier.engine import checked_engine
 from melanoma.data.dataset import prepare_dataset
 from melanoma.data.training_data import load_data
-from melanoma.ensemble import Member, check_members, load_member
 from melanoma.evaluate import classification_metrics, external_names, operating_point
-from melanoma.engine import checked_engine
-from melanoma.inference import Scorer
+from melanoma.workflows.ensemble import Member, check_members, load_member
 
-log = logging.getLogger("melanoma.ensemble")
+log = logging.getLogger("melanoma.workflows.ensemble")
 
 def probabilities(classifier, images: np.ndarray, flips: bool) -> np.ndarray:
     """Malignant probability per image through the model's own engine, or with its four flips
     averaged when ``flips``."""
     engine = classifier.engine
     if flips:
-        engine, _, _ = checked_engine(Scorer(classifier.model, classifier.spec, "flip"), np.asarray(images[:64]),
-                                      classifier.device)
+        engine, _, _ = checked_engine(classifier.scorer("flip"), np.asarray(images[:64]), classifier.device)
     return classifier.calibration.probabilities(engine.logits(np.asarray(images)))
 
 
 def score_run(member: Member, external: list[str]) -> dict:
     """Validation labels, and probabilities (plain and flip-averaged) on validation and each external folder."""
-    classifier = member.classifier
+    classifier = member.model
     data = load_data(member.cfg, classifier.spec)
     sets = {"val": data.data.images[data.val_idx]}
     for name, folder in external_names(external).items():

@@ -5,7 +5,7 @@
 
 ``views``: each crossval run's held-out children scored with each test-time augmentation, and
 (with several runs, validated on one split) every combination of them as an ensemble; per source the AUC and what the
-validation and crossval threshold rules give (``melanoma.crossval``).
+validation and crossval threshold rules give (``melanoma.workflows.crossval``).
 
 ``sites``: each held-out source treated as a new clinic that adopts the model trained without
 it (``melanoma adapt``): N labelled site photos drawn at random (many draws), the site's
@@ -25,15 +25,16 @@ import mlflow
 import numpy as np
 import torch
 
-from melanoma.adapt import adapt_batchnorm, site_operating_point
-from melanoma.calibration import fit_calibration
-from melanoma.config import config_from_params
-from melanoma.crossval import rule_results
+from melanoma.classifier.calibration import fit_calibration
+from melanoma.classifier.engine import checked_engine
+from melanoma.classifier.inference import TTA_VIEWS, Scorer
+from melanoma.classifier.logged import load_logged_model
+from melanoma.config import parse_params
 from melanoma.data.training_data import load_data
-from melanoma.engine import checked_engine
 from melanoma.evaluate import Predictions, classification_metrics
-from melanoma.inference import TTA_VIEWS, Scorer
-from melanoma.pipeline import TrainingReport
+from melanoma.workflows.adapt import adapt_batchnorm, site_operating_point
+from melanoma.workflows.crossval import rule_results
+from melanoma.workflows.training import TrainingReport
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -49,8 +50,8 @@ def children(run_id: str) -> dict[str, str]:
 
 def child_inputs(child_id: str):
     """The child's network and settings, and its validation and held-out images, labels, groups."""
-    classifier = mlflow.pyfunc.load_model(f"runs:/{child_id}/model").unwrap_python_model()
-    cfg = config_from_params(mlflow.MlflowClient().get_run(child_id).data.params)
+    classifier = load_logged_model(f"runs:/{child_id}/model")
+    cfg = parse_params(mlflow.MlflowClient().get_run(child_id).data.params)
     data = load_data(cfg, classifier.spec)
     d = data.data
     return classifier, cfg, {"val": (d.images[data.val_idx], d.labels[data.val_idx], d.groups[data.val_idx]),
@@ -90,8 +91,8 @@ def screen_views(run_ids: list[str], views: list[str]) -> dict:
         for source, child in children(run_id).items():
             classifier, cfg, inputs = child_inputs(child)
             for tta in views:
-                pair = (logits(classifier.model, classifier.spec, tta, inputs["val"][0]),
-                        logits(classifier.model, classifier.spec, tta, inputs["held"][0]))
+                pair = (logits(classifier.network, classifier.spec, tta, inputs["val"][0]),
+                        logits(classifier.network, classifier.spec, tta, inputs["held"][0]))
                 by_source.setdefault((run_id, tta), {})[source] = (pair, inputs, cfg)
     for (run_id, tta), sources in by_source.items():
         reports = {s: report_of(*pair, inputs, cfg.calibration) for s, (pair, inputs, cfg) in sources.items()}
@@ -164,30 +165,30 @@ def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200, adabn
         images, labels, groups = inputs["held"]
         if not np.any(labels == 1):
             continue
-        base_logits = logits(classifier.model, classifier.spec, "none", images)
+        base_logits = logits(classifier.network, classifier.spec, "none", images)
         site = Predictions(labels, classifier.calibration.probabilities(base_logits), groups)
         at_model = classification_metrics(labels, site.probs, classifier.threshold)
         row = {"photos": len(labels), "melanomas": int(labels.sum()),
                "unadapted": {k: at_model[k] for k in ("auc", "sensitivity", "specificity")}}
         if draws:
             row["draws"] = site_draws(site, sizes, draws, cfg.target_sensitivity, classifier.threshold, 30)
-        state = {k: v.clone() for k, v in classifier.model.state_dict().items()}
+        state = {k: v.clone() for k, v in classifier.network.state_dict().items()}
         for name, (share, depth) in ADABN_VARIANTS.items():
             changes = []
             for _ in range(adabn_draws if adabn_photos else 1):
                 used = rng.permutation(len(labels))[:adabn_photos] if adabn_photos else np.arange(len(labels))
                 rest = np.setdiff1d(np.arange(len(labels)), used) if adabn_photos else used
-                classifier.model.load_state_dict(state)
-                adapt_batchnorm(classifier.model, images[np.sort(used)], classifier.spec, share, depth)
+                classifier.network.load_state_dict(state)
+                adapt_batchnorm(classifier.network, images[np.sort(used)], classifier.spec, share, depth)
                 adapted = classifier.calibration.probabilities(
-                    logits(classifier.model, classifier.spec, "none", images[rest]))
+                    logits(classifier.network, classifier.spec, "none", images[rest]))
                 before = classification_metrics(labels[rest], site.probs[rest], classifier.threshold)
                 after = classification_metrics(labels[rest], adapted, classifier.threshold)
                 changes.append({f"{k}_change": after[k] - before[k] for k in ("auc", "sensitivity", "specificity")})
             row[name] = {k: float(np.mean([c[k] for c in changes])) for k in changes[0]}
             row[name]["auc_change_range"] = [min(c["auc_change"] for c in changes), max(c["auc_change"] for c in changes)]
             log.info("%s %s: AUC change %+.4f", source, name, row[name]["auc_change"])
-        classifier.model.load_state_dict(state)
+        classifier.network.load_state_dict(state)
         results[source] = row
     return results
 

@@ -16,7 +16,7 @@ import json
 import optuna
 from optuna.trial import TrialState
 
-from melanoma.search import make_pruner
+from melanoma.workflows.search import make_pruner
 
 
 def replay(study: optuna.Study, pruner: optuna.pruners.BasePruner) -> dict:

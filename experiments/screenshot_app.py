@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 from playwright.sync_api import sync_playwright
 
-from melanoma.servers import background_server, free_port
 from melanoma.data.demo import synthetic_lesion
+from melanoma.servers import background_server, free_port
 
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -22,13 +22,13 @@ import statistics
 import time
 from pathlib import Path
 
-from melanoma.calibration import Calibration
+from melanoma.classifier.calibration import Calibration
+from melanoma.classifier.engine import TorchEngine
+from melanoma.classifier.inference import Scorer, predict_proba, select_device
+from melanoma.classifier.models import build_model
 from melanoma.config import TrainConfig, add_config_arguments, config_from_args, parse_bool
-from melanoma.engine import TorchEngine
-from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder
-from melanoma.inference import Scorer, predict_proba, select_device
-from melanoma.models import build_model
 from melanoma.data.training_data import load_data
+from melanoma.evaluate import classification_metrics, external_names, operating_point, score_folder
 from melanoma.train import fit_data
 
 log = logging.getLogger("melanoma.sweep")

@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from melanoma.classifier.pyfunc import file_problem
+
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("app.html")
@@ -33,10 +35,9 @@ class TriedModel:
     def __init__(self, model_uri: str):
         self.uri = model_uri
         self.pyfunc = mlflow.pyfunc.load_model(model_uri)
-        settings = self.pyfunc.unwrap_python_model().settings
-        self.threshold = float(settings["threshold"])
-        self.target_sensitivity = settings.get("target_sensitivity")
-        self.site = settings.get("site")  # a site version (melanoma adapt): its name, date and threshold's origin
+        model = self.pyfunc.unwrap_python_model().model
+        self.threshold, self.rule = model.threshold, model.rule
+        self.site = model.settings.get("site")  # a site version (melanoma adapt): its name, date and threshold's origin
         self.card_html = model_card_html(model_uri)
 
     def version_in_words(self) -> str:
@@ -47,10 +48,8 @@ class TriedModel:
 
     def decision_in_words(self, probability: float, label: str) -> str:
         side = "above" if probability >= self.threshold else "below"
-        target = (f", the threshold that found {self.target_sensitivity:.0%} of the melanomas in the model's "
-                  f"validation set" if self.target_sensitivity and not self.site else "")
         return (f"Malignant probability {probability:.1%}: {side} the operating threshold "
-                f"{self.threshold:.1%}{target}. Label: {label}.")
+                f"{self.threshold:.1%}, the threshold {self.rule.in_words()}. Label: {label}.")
 
     def score(self, image: bytes) -> dict:
         """The served model's answer for one image file, with the overlay; ValueError names what
@@ -59,7 +58,7 @@ class TriedModel:
         try:
             row = self.pyfunc.predict(frame, params={"explain": True}).iloc[0]
         except MlflowException as exc:
-            raise ValueError(exc.message.removeprefix("row 0: ")) from exc
+            raise ValueError(file_problem(exc)) from exc
         probability = float(row["malignant_probability"])
         return {"malignant_probability": probability, "label": row["label"], "threshold": self.threshold,
                 "in_words": self.decision_in_words(probability, row["label"]), "overlay_png": row["gradcam_png"]}

@@ -24,9 +24,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: 
 from threadpoolctl import threadpool_limits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from melanoma.classifier.preprocessing import InvalidImageError, PreprocessSpec, image_dimensions  # noqa: E402
 from melanoma.data.combine import load_datasets  # noqa: E402
 from melanoma.data.dataset import PreparedData  # noqa: E402
-from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, image_dimensions  # noqa: E402
 from melanoma.data.records import CLASSES, Source  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
+from melanoma.classifier.pyfunc import file_problem
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COLUMNS = ["path", "malignant_probability", "benign_probability", "label", "error"]
 
@@ -83,13 +85,13 @@ def predict_rows(model, files: list[bytes], explain: bool) -> list[dict]:
         return model.predict(frame, params={"explain": explain}).to_dict("records")
     except MlflowException as exc:
         if len(files) == 1:
-            return [{"error": exc.message.removeprefix("row 0: ")}]
+            return [{"error": file_problem(exc)}]
         return [row for f in files for row in predict_rows(model, [f], explain)]
 
 
 def write_explanation(folder: Path, path: Path, data: bytes, overlay_png: str) -> None:
     """``original | overlay`` side by side, as PNG."""
-    from melanoma.gradcam import side_by_side
+    from melanoma.classifier.gradcam import side_by_side
 
     explained = cv2.imdecode(np.frombuffer(base64.b64decode(overlay_png), np.uint8), cv2.IMREAD_COLOR)
     photo = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -107,6 +109,8 @@ def predict_files(model_uri: str, inputs: list[Path], out: Path, explain_dir: Pa
     if total == 0:
         return counts
     model = mlflow.pyfunc.load_model(model_uri)
+    logged = model.unwrap_python_model().model
+    counts |= {"threshold": logged.threshold, "threshold_rule": f"the threshold {logged.rule.in_words()}"}
     if explain_dir is not None:
         explain_dir.mkdir(parents=True, exist_ok=True)
     todo = (p for p in image_paths(inputs) if str(p) not in skip)

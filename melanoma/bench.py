@@ -33,17 +33,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from melanoma import tracking
-from melanoma.architectures import ARCHITECTURES
+from melanoma.classifier.architectures import ARCHITECTURES
+from melanoma.classifier.decision import ThresholdRule
+from melanoma.classifier.engine import OnnxEngine, TorchEngine, checked_engine
+from melanoma.classifier.inference import TTA_VIEWS, Scorer, select_device
+from melanoma.classifier.models import build_model
+from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, preprocess
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import cache_dir, prepare_dataset
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import discover
-from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, preprocess
 from melanoma.data.records import Source
-from melanoma.engine import OnnxEngine, TorchEngine, checked_engine
-from melanoma.inference import TTA_VIEWS, Scorer, select_device
 from melanoma.memory import glibc_mallopt, recycle_freed_memory
-from melanoma.models import build_model
 from melanoma.servers import model_server, post_images
 from melanoma.train import grad_scaler, make_batch, sample_weights, train_step
 
@@ -252,40 +253,45 @@ def median_seconds(call, repeats: int) -> float:
 
 
 def time_engines(pyfunc, encoded: list[str], requests: int, rounds: int) -> dict:
-    """Both engines on one logged model, interleaved round by round: the engine alone on one
-    model input and on 32 (``engine_*``), and the whole pyfunc call on base64 JPEGs
-    (``predict_*``: decoding and preprocessing included)."""
-    classifier = pyfunc.unwrap_python_model()
-    engines = {"onnxruntime": classifier.engine,
-               "torch": TorchEngine(Scorer(classifier.model, classifier.spec, classifier.settings.get("tta", "none")),
-                                    classifier.device)}
-    if not isinstance(engines["onnxruntime"], OnnxEngine):
-        raise RuntimeError("the bench's model was logged without its ONNX graph")
+    """The engines a logged model can score with here, interleaved round by round: PyTorch on the
+    model's device and ONNX Runtime (on the GPU where it has the CUDA provider, else the CPU),
+    each alone on one model input and on 32 (``engine_*``), and the whole pyfunc call on base64
+    JPEGs (``predict_*``: decoding and preprocessing included). ``served_engine`` names the one
+    the served model uses on this machine."""
+    model = pyfunc.unwrap_python_model().model
+    served = model.engine
+    engines = {"torch": served if isinstance(served, TorchEngine) else model.torch_engine()}
+    if model.onnx_graph is not None:
+        engines["onnxruntime"] = (served if isinstance(served, OnnxEngine)
+                                  else OnnxEngine(str(model.onnx_graph), views=TTA_VIEWS[model.tta]))
     one, batch = pd.DataFrame({"image": encoded[:1]}), pd.DataFrame({"image": (encoded * 32)[:32]})
-    inputs = classifier.preprocess_rows([base64.b64decode(e) for e in (encoded * 32)[:32]])[0]
+    inputs = model.images_from_files([base64.b64decode(e) for e in (encoded * 32)[:32]])[0]
     samples: dict[str, list[float]] = {}
     per_round = max(1, requests // rounds)
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            classifier.engine = engine
-            for key, call, repeats in (("engine_one_ms", lambda: engine.logits(inputs[:1]), per_round),
-                                       ("engine_batch32_s", lambda: engine.logits(inputs), max(1, per_round // 10)),
-                                       ("predict_one_ms", lambda: pyfunc.predict(one), per_round),
-                                       ("predict_batch32_s", lambda: pyfunc.predict(batch), max(1, per_round // 10))):
-                call()  # warm
-                samples.setdefault(f"{key}_{name}", []).append(median_seconds(call, repeats))
-    classifier.engine = engines["onnxruntime"]
-    results = {}
+    try:
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                model.engine = engine
+                for key, call, repeats in (("engine_one_ms", lambda: engine.logits(inputs[:1]), per_round),
+                                           ("engine_batch32_s", lambda: engine.logits(inputs), max(1, per_round // 10)),
+                                           ("predict_one_ms", lambda: pyfunc.predict(one), per_round),
+                                           ("predict_batch32_s", lambda: pyfunc.predict(batch), max(1, per_round // 10))):
+                    call()  # warm
+                    samples.setdefault(f"{key}_{name}", []).append(median_seconds(call, repeats))
+    finally:
+        model.engine = served
+    results: dict = {"served_engine": served.name, "model_device": str(model.device)}
     for key, values in samples.items():
         seconds = float(np.median(values))
         if "_one_ms" in key:
             results[key] = 1000 * seconds
         else:
             results[key.replace("batch32_s", "batch32_img_per_s")] = 32 / seconds
-    for key in ("engine_one_ms", "predict_one_ms"):
-        results[key.replace("_ms", "_onnx_speedup")] = results[f"{key}_torch"] / results[f"{key}_onnxruntime"]
-    for key in ("engine_batch32", "predict_batch32"):
-        results[f"{key}_onnx_speedup"] = (results[f"{key}_img_per_s_onnxruntime"] / results[f"{key}_img_per_s_torch"])
+    if len(engines) == 2:
+        for key in ("engine_one_ms", "predict_one_ms"):
+            results[key.replace("_ms", "_onnx_speedup")] = results[f"{key}_torch"] / results[f"{key}_onnxruntime"]
+        for key in ("engine_batch32", "predict_batch32"):
+            results[f"{key}_onnx_speedup"] = (results[f"{key}_img_per_s_onnxruntime"] / results[f"{key}_img_per_s_torch"])
     return results
 
 
@@ -306,8 +312,8 @@ def time_prediction(jpegs: list[bytes], cfg: TrainConfig, serve: bool, requests:
             _, graph, difference = checked_engine(Scorer(model, spec, cfg.tta), inputs, torch.device("cpu"))
             results["onnx_max_probability_difference"] = difference
             with mlflow.start_run(experiment_id=experiment_id):
-                model_uri = tracking.log_classifier(model, cfg.model, spec, 0.5, jpegs[0], onnx_graph=graph,
-                                                    extra_settings={"tta": cfg.tta})
+                model_uri = tracking.log_classifier(model, cfg.model, spec, 0.5, ThresholdRule.validation(0.9),
+                                                    jpegs[0], onnx_graph=graph, extra_settings={"tta": cfg.tta})
             results.update(time_engines(mlflow.pyfunc.load_model(model_uri), encoded, requests, rounds))
             if serve:
                 env = {**os.environ, **SERVE_ENV, "MLFLOW_TRACKING_URI": uri}
@@ -361,6 +367,7 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
     results["gemm_gflops"] = gemm_gflops(device)
     log.info("timing the notebook's training loop")
     img_per_s, flops = time_notebook_training(images, labels, steps)
+    results["notebook_train_device"] = "cpu"  # the notebook's loop as it was written
     results["notebook_train_img_per_s"] = img_per_s
     results["notebook_train_gflops"] = img_per_s * flops / 1e9
     results["notebook_gemm_fraction"] = results["notebook_train_gflops"] / results["gemm_gflops"]
@@ -369,7 +376,7 @@ def run_benchmark(data: str | None, out: Path | None, steps: int = 20, serve: bo
         config_spec = PreprocessSpec(img_size=size, channels=channels, color_constancy=False, crop_lesion=False)
         img_per_s, flops = time_training(model_name, resize_batch(images, size, channels), labels, config_spec,
                                          batch, steps, device)
-        results[f"train_img_per_s_{config}"] = img_per_s
+        results[f"train_img_per_s_{config}"] = img_per_s  # on results["device"]
         results[f"gemm_fraction_{config}"] = img_per_s * flops / 1e9 / results["gemm_gflops"]
     results["train_speedup_vs_notebook"] = results["train_img_per_s_notebook"] / results["notebook_train_img_per_s"]
     if tricks:

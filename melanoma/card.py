@@ -6,14 +6,19 @@ written again at any time (``melanoma card``), with the run's external evaluatio
 from __future__ import annotations
 
 import logging
-import re
 
 import markdown
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from melanoma.errors import SettingsError
+from melanoma import metric_names as names
+from melanoma.classifier.decision import CLASSES, ThresholdRule
+from melanoma.classifier.errors import SettingsError
+from melanoma.config import unquote
+from melanoma.evaluate import external_names
 from melanoma.intervals import INTERVAL_METRICS
+from melanoma.metric_names import with_prefix
+from melanoma.tracking import run_record
 
 log = logging.getLogger(__name__)
 
@@ -23,31 +28,33 @@ FIELD_METRICS = ("pauc_above_80_sensitivity", "average_precision", "specificity_
                  "specificity_at_95_sensitivity")
 
 
-def set_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+def listed(text: str | None) -> list[str]:
+    """A comma-separated param or tag as a list (a quoted empty value is none)."""
+    return [item for item in unquote(text or "").split(",") if item]
 
 
-def sources_of(metrics: dict[str, float]) -> list[str]:
-    """The data's sources, as the audit logged them (``audit_<source>_benign``)."""
-    return sorted({m.group(1) for k in metrics if (m := re.match(r"audit_(.+)_benign$", k))})
+def sources_of(params: dict[str, str]) -> list[str]:
+    """The data's sources, as the run logged them."""
+    return listed(params.get("data_sources"))
 
 
-def evaluated_sets(metrics: dict[str, float], evaluations: list) -> dict[str, dict[str, float]]:
+def evaluated_sets(run, evaluations: list) -> dict[str, dict[str, float]]:
     """Every set the run (or a later ``melanoma evaluate``) reported at the operating threshold."""
-    sets = {"validation": set_metrics(metrics, "val_op_")}
-    for source in sources_of(metrics):
-        if f"val_{source}_count" in metrics:
-            sets[f"validation, {source} only"] = set_metrics(metrics, f"val_{source}_")
-    if any(k.startswith("test_op_") for k in metrics):
-        sets["test"] = set_metrics(metrics, "test_op_")
-    for name in sorted({m.group(1) for k in metrics if (m := re.match(r"holdout_(.+)_count$", k))}):
-        sets[f"held-out source: {name}"] = set_metrics(metrics, f"holdout_{name}_")
-    for name in sorted({m.group(1) for k in metrics if (m := re.match(r"external_(.+)_count$", k))}):
-        sets[f"external: {name}"] = set_metrics(metrics, f"external_{name}_")
-    for run in evaluations:
-        name = run.data.params.get("name", run.info.run_name)
-        sets[f"evaluated: {name}"] = set_metrics(run.data.metrics, f"{name}_")
-    return sets
+    params, metrics = run.data.params, run.data.metrics
+    sets = {"validation": with_prefix(metrics, names.VALIDATION)}
+    for source in sources_of(params):
+        if f"{names.validation_source(source)}count" in metrics:
+            sets[f"validation, {source} only"] = with_prefix(metrics, names.validation_source(source))
+    if f"{names.TEST}count" in metrics:
+        sets["test"] = with_prefix(metrics, names.TEST)
+    for source in listed(params.get("holdout_source")):
+        sets[f"held-out source: {source}"] = with_prefix(metrics, names.holdout(source))
+    for name in external_names(listed(params.get("resolved_external", params.get("external")))):
+        sets[f"external: {name}"] = with_prefix(metrics, names.external(name))
+    for evaluation in evaluations:
+        name = evaluation.data.params.get("name", evaluation.info.run_name)
+        sets[f"evaluated: {name}"] = with_prefix(evaluation.data.metrics, names.evaluation(name))
+    return {name: values for name, values in sets.items() if values}
 
 
 def with_interval(values: dict[str, float], name: str) -> str:
@@ -59,25 +66,24 @@ def with_interval(values: dict[str, float], name: str) -> str:
     return text
 
 
-def threshold_origin(metrics: dict[str, float], tags: dict[str, str], target: float) -> list[str]:
-    """How the threshold was chosen and, for the crossval rule, what it gave at sources the
+def threshold_origin(run) -> list[str]:
+    """The rule that chose the threshold and, for the crossval rule, what it gave at sources the
     models never saw (the figures a new clinic can expect)."""
-    if tags.get("threshold_rule") != "crossval":
-        return [f"The threshold was chosen on validation to find {round(100 * target)} % of the melanomas."]
-    share = metrics.get("threshold_validation_sensitivity", float("nan"))
-    lines = [f"The threshold travels: it finds {share:.1%} of the validation melanomas, the share that models "
-             f"trained without a source needed to find {round(100 * target)} % of that source's melanomas "
-             "(cross-source validation, `melanoma crossval`). At a source the model never saw, each source held "
-             "out in turn, the rule gave (the validation rule beside it):", "",
-             "| held-out source | AUC | sensitivity | specificity | with the validation rule: sensitivity | specificity |",
-             "|---|---|---|---|---|---|"]
-    sources = sorted({m.group(1) for k in metrics if (m := re.match(r"crossval_heldout_(.+)_auc$", k))})
-    if not sources:  # an ensemble of such models: the figures are its members'
-        return [lines[0].split(" At a source")[0] + " The cross-source figures are in the members' runs.", ""]
+    rule = ThresholdRule.from_record(run_record(run))
+    lines = [f"Rule: the threshold {rule.in_words()}."]
+    sources = listed(run.data.tags.get("crossval_sources"))
+    if rule.name != "crossval":
+        return lines
+    if not sources or "ensemble_runs" in run.data.tags:
+        return [lines[0] + " The cross-source figures are in the runs that chose the share.", ""]
+    lines += ["", "At a source the model never saw, each source held out in turn, the rule gave (the validation "
+              "rule beside it):", "",
+              "| held-out source | AUC | sensitivity | specificity | with the validation rule: sensitivity | specificity |",
+              "|---|---|---|---|---|---|"]
     for source in sources:
-        row = set_metrics(metrics, f"crossval_heldout_{source}_")
-        lines.append(f"| {source} | {row['auc']:.3f} | " + " | ".join(
-            f"{row.get(f'{rule}_rule_{name}', float('nan')):.3f}" for rule in ("crossval", "validation")
+        row = with_prefix(run.data.metrics, names.crossval_quoted(source))
+        lines.append(f"| {source} | {row.get('auc', float('nan')):.3f} | " + " | ".join(
+            f"{row.get(f'{names.rule(rule_name)}{name}', float('nan')):.3f}" for rule_name in ("crossval", "validation")
             for name in ("sensitivity", "specificity")) + " |")
     return lines + [""]
 
@@ -99,8 +105,7 @@ def in_words(sets: dict[str, dict[str, float]]) -> list[str]:
 def card_markdown(run, evaluations: list) -> str:
     """The card of a training run (an ``mlflow.entities.Run``) and its later evaluation runs."""
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
-    sets = evaluated_sets(m, evaluations)
-    target = float(p.get("target_sensitivity", 0.9))
+    sets = evaluated_sets(run, evaluations)
     synthetic = tags.get("synthetic_data") == "true"
     lines = [
         f"# Model card: melanoma classifier `{p.get('model')}` (run `{run.info.run_id}`)",
@@ -125,7 +130,7 @@ def card_markdown(run, evaluations: list) -> str:
           f"{p.get(f'data_{split}_count', 0)} |" for split in ("train", "val", "test")
           if p.get(f"data_{split}_count", "0") != "0"],
         "",
-        *source_rows(m),
+        *source_rows(p, m),
         f"- Audit: {tags.get('audit_verdict', 'not run')}.",
         f"- Duplicates: {int(m.get('audit_exact_duplicate_pairs', 0))} exact and "
         f"{int(m.get('audit_near_duplicate_pairs', 0))} near-duplicate pairs; exact duplicates are kept on one "
@@ -151,7 +156,7 @@ def card_markdown(run, evaluations: list) -> str:
         "## Operating point",
         f"Threshold {m.get('threshold', float('nan')):.3f} on the calibrated probability.",
         "",
-        *threshold_origin(m, tags, target),
+        *threshold_origin(run),
         *in_words(sets),
         "",
         "## Performance (95 % bootstrap intervals)",
@@ -183,7 +188,7 @@ def card_markdown(run, evaluations: list) -> str:
           if f"{split}_op_count" in m or (split == "val" and "test_op_count" not in m)],
         "",
         "## Known limitations",
-        *limitations(m, sets),
+        *limitations(p, m, sets),
         "",
         "## CLEAR Derm checklist (the items this data can answer)",
         "- Image type: dermoscopic photographs. Devices and acquisition protocol: not recorded.",
@@ -202,14 +207,14 @@ def card_markdown(run, evaluations: list) -> str:
     return "\n".join(lines)
 
 
-def limitations(metrics: dict[str, float], sets: dict[str, dict[str, float]]) -> list[str]:
+def limitations(params: dict[str, str], metrics: dict[str, float], sets: dict[str, dict[str, float]]) -> list[str]:
     lines = []
     probe = metrics.get("audit_border_probe_auc")
     if probe is not None and probe >= 0.8:
         lines.append(f"- The image border alone predicts the label in the training data (border-probe AUC "
                      f"{probe:.3f}): the classes were photographed differently, and a model can learn the "
                      "photograph instead of the lesion.")
-    for source, row in source_counts(metrics).items():
+    for source, row in source_counts(params, metrics).items():
         if min(row.values()) == 0:
             lines.append(f"- Every {source} image in the training data is {max(row, key=row.get)}: there the source "
                          "predicts the label, and the model may have learned the source.")
@@ -225,17 +230,17 @@ def limitations(metrics: dict[str, float], sets: dict[str, dict[str, float]]) ->
     return lines
 
 
-def source_counts(metrics: dict[str, float]) -> dict[str, dict[str, int]]:
-    return {s: {c: int(metrics.get(f"audit_{s}_{c}", 0)) for c in ("benign", "malignant")} for s in sources_of(metrics)}
+def source_counts(params: dict[str, str], metrics: dict[str, float]) -> dict[str, dict[str, int]]:
+    return {s: {c: int(metrics.get(f"{names.audit_source(s)}{c}", 0)) for c in CLASSES} for s in sources_of(params)}
 
 
-def source_rows(metrics: dict[str, float]) -> list[str]:
+def source_rows(params: dict[str, str], metrics: dict[str, float]) -> list[str]:
     """The audit's source x class table (the confound, where a source holds one class)."""
-    counts = source_counts(metrics)
+    counts = source_counts(params, metrics)
     if not counts:
         return []
     return ["", "| source | benign | malignant | border probe AUC |", "|---|---|---|---|",
-            *[f"| {s} | {row['benign']} | {row['malignant']} | {metrics.get(f'audit_{s}_border_probe_auc', float('nan')):.3f} |"
+            *[f"| {s} | {row['benign']} | {row['malignant']} | {metrics.get(f'{names.audit_source(s)}border_probe_auc', float('nan')):.3f} |"
               for s, row in counts.items()], ""]
 
 

@@ -9,7 +9,6 @@ it, else the artifact.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from melanoma.config import TrainConfig
+from melanoma.config import TrainConfig, parse_params, settings_params
 from melanoma.data.dataset import cache_dir
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class RunCheckpoints:
 
     def __init__(self, cfg: TrainConfig, upload: bool = True):
         self.run_id = mlflow.active_run().info.run_id
-        self.config = dataclasses.asdict(cfg)
+        self.config = settings_params(cfg)
         self.path = cache_dir() / "checkpoints" / self.run_id / FILE_NAME
         self.upload = upload
         mlflow.set_tag(PATH_TAG, str(self.path))
@@ -94,4 +93,5 @@ def load_run_checkpoint(run_id: str) -> dict:
 
 
 def config_of(state: dict) -> TrainConfig:
-    return TrainConfig(**state["config"])
+    """The settings a checkpoint's run trained with (read as a run's params are)."""
+    return parse_params(state["config"])

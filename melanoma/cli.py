@@ -14,8 +14,17 @@ import signal
 import sys
 from pathlib import Path
 
-from melanoma.config import (DEFAULT_ALIAS, REGISTERED_MODEL, AdaptSettings, CrossvalSettings, EnsembleSettings,
-                             SearchSettings, TrainConfig, add_config_arguments, config_from_args)
+from melanoma.config import (
+    DEFAULT_ALIAS,
+    REGISTERED_MODEL,
+    AdaptSettings,
+    CrossvalSettings,
+    EnsembleSettings,
+    SearchSettings,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+)
 
 
 def use_default_experiment(name: str) -> None:
@@ -52,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import mlflow
 
     from melanoma.checkpoint import config_of, load_run_checkpoint
-    from melanoma.pipeline import run_training
+    from melanoma.workflows.training import run_training
 
     resume = load_run_checkpoint(args.resume) if args.resume else None
     if resume is not None:
@@ -81,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from melanoma.search import search_from_args
+    from melanoma.workflows.search import search_from_args
 
     use_default_experiment(args.experiment)
     print(json.dumps(search_from_args(args), indent=2))
@@ -92,7 +101,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     import mlflow
 
     from melanoma.config import CrossvalSettings
-    from melanoma.crossval import run_crossval
+    from melanoma.workflows.crossval import run_crossval
 
     cfg, settings = config_from_args(args), config_from_args(args, CrossvalSettings)
     use_default_experiment(args.experiment)
@@ -105,8 +114,8 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     import mlflow
 
-    from melanoma.adapt import run_adaptation
     from melanoma.config import AdaptSettings
+    from melanoma.workflows.adapt import run_adaptation
 
     settings = config_from_args(args, AdaptSettings)
     use_default_experiment(args.experiment)
@@ -119,7 +128,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     import mlflow
 
-    from melanoma.ensemble import run_ensemble
+    from melanoma.workflows.ensemble import run_ensemble
 
     settings = config_from_args(args, EnsembleSettings)
     use_default_experiment(args.experiment)
@@ -139,7 +148,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from melanoma.external import evaluate_model_on_folder
+    from melanoma.workflows.evaluation import evaluate_model_on_folder
 
     use_default_experiment(args.experiment)
     metrics = evaluate_model_on_folder(args.model, args.data, args.name)
@@ -305,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from melanoma.checkpoint import CheckpointError
-    from melanoma.data.preprocessing import InvalidImageError
+    from melanoma.classifier.errors import SettingsError
+    from melanoma.classifier.models import PretrainedWeightsError
+    from melanoma.classifier.preprocessing import InvalidImageError
     from melanoma.data.records import DataError
-    from melanoma.errors import SettingsError
-    from melanoma.models import PretrainedWeightsError
 
     try:
         return args.func(args)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import math
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from melanoma.architectures import architecture
-from melanoma.errors import SettingsError
+from melanoma.classifier.architectures import architecture
+from melanoma.classifier.errors import SettingsError
 
 if TYPE_CHECKING:
-    from melanoma.data.preprocessing import PreprocessSpec
+    from melanoma.classifier.preprocessing import PreprocessSpec
 
 REGISTERED_MODEL = "melanoma-classifier"
 DEFAULT_ALIAS = "champion"
@@ -20,9 +22,7 @@ BALANCES = ("class", "source")
 OPTIMIZERS = ("adamw", "adam")
 PRUNERS = ("median", "none")
 OBJECTIVES = ("val_auc", "crossval_mean_auc", "crossval_worst_auc")
-# validation: the threshold that finds target_sensitivity of the in-source validation melanomas;
-# crossval: the one that found it on sources a model had never seen (melanoma.crossval).
-THRESHOLD_RULES = ("crossval", "validation")
+THRESHOLD_RULES = ("crossval", "validation")  # melanoma.classifier.decision: the rules a crossval may choose
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainConfig:
     specificity on external nevi, within 15 minutes of CPU training.
     """
 
-    model: str = "efficientnet_lite1"  # see melanoma.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
+    model: str = "efficientnet_lite1"  # see melanoma.classifier.architectures: cnn, resnet18, efficientnet_lite0, timm:NAME, ...
     data: str = "demo"  # datasets, comma-separated: Kaggle-layout folders or zips, metadata folders, "demo"
     label_map: str = "mel:malignant,nv:benign"  # metadata layout: diagnosis -> class; others left out
     holdout_source: str = ""  # train without this source and report on it (leave-one-source-out)
@@ -82,7 +82,7 @@ class TrainConfig:
         from melanoma.data.metadata import parse_label_map
 
         parse_label_map(self.label_map)
-        from melanoma.calibration import METHODS
+        from melanoma.classifier.calibration import METHODS
 
         if self.calibration not in METHODS:
             raise SettingsError(f"calibration must be one of {METHODS}, got {self.calibration!r}")
@@ -92,7 +92,7 @@ class TrainConfig:
             raise SettingsError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.channels not in (1, 3):
             raise SettingsError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
-        from melanoma.inference import TTA_VIEWS
+        from melanoma.classifier.inference import TTA_VIEWS
 
         if self.tta not in TTA_VIEWS:
             raise SettingsError(f"tta must be one of {tuple(TTA_VIEWS)}, got {self.tta!r}")
@@ -128,8 +128,8 @@ class TrainConfig:
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with, and the logged model serves with."""
-        from melanoma.data.preprocessing import PreprocessSpec  # here, so the CLI's --help needs no torch
-        from melanoma.models import input_normalization
+        from melanoma.classifier.models import input_normalization
+        from melanoma.classifier.preprocessing import PreprocessSpec  # here, so the CLI's --help needs no torch
 
         mean, std = input_normalization(self.model, self.pretrained)
         return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
@@ -146,10 +146,6 @@ class TrainConfig:
     def external_dirs(self) -> list[str]:
         return [p.strip() for p in self.external.split(",") if p.strip()]
 
-    def to_params(self) -> dict[str, str]:
-        """Params as MLproject spells them (booleans lower-case), so runs compare in the UI."""
-        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in dataclasses.asdict(self).items()}
-
 
 @dataclass
 class SearchSettings:
@@ -157,13 +153,14 @@ class SearchSettings:
     parameters (tests/test_config.py keeps them in step)."""
 
     n_trials: int = 20  # trials the study should have in total
+    continue_on_trial_error: bool = False  # a trial that raises fails the search; true: it is FAILED and the search goes on
     timeout: float = 0.0  # stop starting trials after this many seconds; 0 = no limit
     storage: str = "sqlite:///optuna.db"  # Optuna storage: sqlite:///FILE (one machine) or postgresql://...
     study_name: str = ""  # empty: melanoma-<model>
     registered_model: str = REGISTERED_MODEL
     alias: str = DEFAULT_ALIAS  # moved to the best trial's model
     pruner: str = "median"  # median | none
-    params: str = "lr,batch_size"  # the settings searched, comma-separated (melanoma.search.SEARCH_SPACE)
+    params: str = "lr,batch_size"  # the settings searched, comma-separated (melanoma.workflows.search.SEARCH_SPACE)
     objective: str = "val_auc"  # val_auc, or crossval_mean_auc / crossval_worst_auc (a cross-validation per trial)
     heartbeat: int = 60  # seconds between a running trial's heartbeats; silent for 3 of them: retried
 
@@ -241,7 +238,7 @@ class EnsembleSettings:
             raise SettingsError(f"--runs names a run twice: {self.runs!r}")
         if self.bootstrap < 0:
             raise SettingsError(f"bootstrap must not be negative, got {self.bootstrap}")
-        from melanoma.inference import TTA_VIEWS
+        from melanoma.classifier.inference import TTA_VIEWS
 
         if self.tta and self.tta not in TTA_VIEWS:
             raise SettingsError(f"tta must be one of {tuple(TTA_VIEWS)} (or empty: the members' own), got {self.tta!r}")
@@ -249,6 +246,15 @@ class EnsembleSettings:
     @property
     def run_ids(self) -> list[str]:
         return [r.strip() for r in self.runs.split(",") if r.strip()]
+
+
+# What runs logged before a setting existed were trained with (the behaviour before it), kept
+# apart from today's defaults: changing a default never changes how an old run is read.
+LEGACY_SETTINGS = {"split_seed": -1, "holdout_source": "", "balance": "class", "crop_margin": 0.2, "tta": "none",
+                   "calibration": "none", "backbone_lr_factor": 1.0, "freeze_epochs": 0, "label_smoothing": 0.0,
+                   "drop_path": 0.0, "ema": 0.0, "wise_alpha": 1.0, "warmup_epochs": 0.0, "weight_decay": 0.0,
+                   "optimizer": "adam", "crop_lesion": False, "mask_corners": False, "color_constancy": False,
+                   "external": "", "num_threads": 0}
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -263,25 +269,81 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_int(text: str | int) -> int:
+    """An integer setting; MLproject declares numbers as float, so "5.0" is 5."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+PARSERS = {bool: parse_bool, int: parse_int, float: float, str: str}
+
+
+def spelling(value: object) -> str:
+    """A setting's value as MLproject spells it: booleans lower-case, the rest as ``str``."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def settings_params(settings: object) -> dict[str, str]:
+    """A settings dataclass's params exactly as ``mlflow run`` logs an entry point's parameters
+    (MLproject's spelling, shell-quoted: an empty value is ``''``), so a run started either way
+    compares in the UI and ``parse_params`` reads it back."""
+    return {f.name: shlex.quote(spelling(getattr(settings, f.name))) for f in fields(settings)}
+
+
+def unquote(text: str) -> str:
+    """A logged param's value as the command received it (``mlflow run`` shell-quotes values;
+    runs logged before that did not)."""
+    try:
+        return " ".join(shlex.split(text))
+    except ValueError:  # an unbalanced quote: an old run's raw value
+        return text
+
+
+def same_value(a: str, b: str) -> bool:
+    """Whether two spellings of a param mean one value ("1e-3" and "0.001", "False" and "false")."""
+    a, b = unquote(str(a)), unquote(str(b))
+    if a == b:
+        return True
+    for parse in (float, parse_bool):
+        try:
+            x, y = parse(a), parse(b)
+        except (ValueError, argparse.ArgumentTypeError):
+            continue
+        return x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+    return False
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: object | None = None) -> None:
     """Add one --flag per field of a settings dataclass (a TrainConfig by default), typed and
     defaulted from it."""
     defaults = defaults or TrainConfig()
     for f in fields(defaults):
         default = getattr(defaults, f.name)
-        kind = type(default)
-        arg_type = parse_bool if kind is bool else kind
-        parser.add_argument(f"--{f.name}", type=arg_type, default=default, help=f"(default: {default})")
+        parser.add_argument(f"--{f.name}", type=PARSERS[type(default)], default=default, help=f"(default: {default})")
 
 
-def config_from_params(params: dict[str, str]) -> TrainConfig:
-    """The settings of a logged run, from its params (as ``to_params`` wrote them); a setting
-    added since the run was logged takes its default."""
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    defaults = TrainConfig().to_params()
-    return config_from_args(parser.parse_args([arg for f in fields(TrainConfig)
-                                               for arg in (f"--{f.name}", params.get(f.name, defaults[f.name]))]))
+def parse_params(params: Mapping[str, object], kind: type = TrainConfig, legacy: Mapping[str, object] | None = None):
+    """The settings ``kind`` of a logged run from its params (or any mapping of its fields'
+    values), through the CLI's own parsers; a setting the run predates takes its ``legacy``
+    value, else its default. Validated."""
+    legacy = LEGACY_SETTINGS if legacy is None and kind is TrainConfig else (legacy or {})
+    defaults = kind()
+    values = {}
+    for f in fields(kind):
+        default = getattr(defaults, f.name)
+        text = unquote(spelling(params[f.name])) if f.name in params else spelling(legacy.get(f.name, default))
+        try:
+            values[f.name] = PARSERS[type(default)](text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise SettingsError(f"setting {f.name}: {exc}") from None
+    settings = kind(**values)
+    settings.validate()
+    return settings
 
 
 def config_from_args(args: argparse.Namespace, kind: type = TrainConfig):

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.data.dataset import PreparedData, prepare_dataset
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.errors import SettingsError
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -102,7 +102,7 @@ def operating_point(labels: np.ndarray, probs: np.ndarray, target_sensitivity: f
 
 def score_folder(engine, folder: str | Path, spec: PreprocessSpec) -> tuple[PreparedData, torch.Tensor]:
     """A labelled evaluation folder (decoded through the cache) and an engine's logits
-    (``melanoma.engine``) for each of its images."""
+    (``melanoma.classifier.engine``) for each of its images."""
     data = prepare_dataset(folder, spec, require_train=False)
     return data, engine.logits(np.asarray(data.images))
 

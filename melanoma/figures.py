@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from melanoma.calibration import reliability_curve  # noqa: E402
+from melanoma.classifier.calibration import reliability_curve  # noqa: E402
 from melanoma.data.records import CLASSES  # noqa: E402
 from melanoma.evaluate import classification_metrics  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from melanoma import tracking
-from melanoma.calibration import Calibration, brier_score, expected_calibration_error
+from melanoma.classifier.calibration import Calibration, brier_score, expected_calibration_error
 from melanoma.data.dataset import PreparedData
 from melanoma.evaluate import Predictions, classification_metrics
 from melanoma.figures import reliability_figure, roc_figure
@@ -19,7 +19,8 @@ from melanoma.intervals import bootstrap_intervals, interval_metrics
 
 
 def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> dict:
-    params = {"data_digest": data.digest, "data_skipped_files": len(data.skipped)}
+    params = {"data_digest": data.digest, "data_skipped_files": len(data.skipped),
+              "data_sources": ",".join(sorted({str(s) for s in data.sources}))}
     for split, idx in (("train", fit_idx), ("val", val_idx), ("test", test_idx)):
         params[f"data_{split}_count"] = len(idx)
         for name, count in data.class_counts(idx).items():
@@ -27,7 +28,7 @@ def dataset_params(data: PreparedData, fit_idx: np.ndarray, val_idx: np.ndarray,
     return params
 
 
-def set_metrics(predictions: Predictions, threshold: float, resamples: int, seed: int) -> dict[str, float]:
+def set_figures(predictions: Predictions, threshold: float, resamples: int, seed: int) -> dict[str, float]:
     """A set's metrics at ``threshold`` with 95 % intervals (whole groups resampled)."""
     p = predictions
     metrics = {**classification_metrics(p.labels, p.probs, threshold), "threshold": threshold, "count": len(p.labels)}

@@ -18,20 +18,21 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import melanoma
-from melanoma.calibration import Calibration
-from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.engine import ONNX_FILE
-from melanoma.serving import SETTINGS_FILE, WEIGHTS_FILE
+from melanoma.classifier.calibration import Calibration
+from melanoma.classifier.decision import ThresholdRule
+from melanoma.classifier.engine import ONNX_FILE
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.logged import SETTINGS_FILE, WEIGHTS_FILE
+from melanoma.classifier.preprocessing import PreprocessSpec
+from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, same_value
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(melanoma.__file__).parent
-# The served model's code: the serving path alone (tests/test_serving.py checks that it imports
-# nothing else of the package), and the packages it imports.
-SERVING_MODULES = ("__init__.py", "architectures.py", "errors.py", "models.py", "inference.py", "engine.py", "calibration.py",
-                   "gradcam.py", "serving.py", "pyfunc_model.py", "data/__init__.py", "data/records.py",
-                   "data/preprocessing.py")
+# The served model's code: the package's __init__ and the classifier sub-package, whole
+# (tests/test_serving.py checks that it imports nothing else of the package), and the packages
+# it imports.
+SERVED_PACKAGE = "classifier"
 SERVING_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "onnxruntime")
 
 
@@ -55,11 +56,28 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
     mlflow.log_metrics(clean, step=step)
 
 
-def log_new_params(params: dict) -> None:
-    """Log params the active run does not have yet (`mlflow run` logs its own spelling of the
-    entry point's parameters first, and MLflow refuses to change a logged value)."""
+def log_params(params: dict[str, str]) -> None:
+    """Log params to the active run. `mlflow run` logs the entry point's parameters first, in
+    its own spelling: a param it has already logged is skipped when both spellings mean one
+    value, and a real conflict raises naming both (MLflow cannot change a logged value)."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    conflicts = [f"{k}: logged {existing[k]!r}, now {v!r}" for k, v in params.items()
+                 if k in existing and not same_value(existing[k], v)]
+    if conflicts:
+        raise SettingsError("this run already has other values for its params (" + "; ".join(conflicts) + ")")
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
+def log_threshold(threshold: float, rule: ThresholdRule) -> None:
+    """The operating threshold and its rule, in the run's record (``ThresholdRule.from_record``
+    reads them back from the run's params, metrics and tags merged)."""
+    mlflow.log_metrics({"threshold": threshold, "threshold_validation_sensitivity": rule.validation_sensitivity})
+    mlflow.set_tag("threshold_rule", rule.name)
+
+
+def run_record(run) -> dict:
+    """A run's params, metrics and tags as one mapping (what ``ThresholdRule.from_record`` reads)."""
+    return {**run.data.params, **run.data.metrics, **run.data.tags}
 
 
 def epoch_logger(epoch: int, metrics: dict[str, float]) -> None:
@@ -87,7 +105,7 @@ def _opencv_requirement() -> str:
 
 def pip_requirements(model_names: list[str]) -> list[str]:
     """The served model's requirements, pinned to what trained it (timm only for timm models)."""
-    from melanoma.architectures import architecture
+    from melanoma.classifier.architectures import architecture
 
     timm = any(architecture(name).library == "timm" for name in model_names)
     packages = [*SERVING_PACKAGES, *(["timm"] if timm else [])]
@@ -98,22 +116,22 @@ def pip_requirements(model_names: list[str]) -> list[str]:
 def serving_code(folder: Path) -> Path:
     """A copy of the package holding only the serving path, under ``folder``."""
     target = folder / "melanoma"
-    for module in SERVING_MODULES:
-        (target / module).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PACKAGE_DIR / module, target / module)
+    shutil.copytree(PACKAGE_DIR / SERVED_PACKAGE, target / SERVED_PACKAGE,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(PACKAGE_DIR / "__init__.py", target / "__init__.py")
     return target
 
 
 def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: PreprocessSpec, threshold: float,
-                   example_image: bytes, calibration: Calibration = Calibration(), onnx_graph: bytes | None = None,
-                   extra_settings: dict | None = None) -> str:
+                   rule: ThresholdRule, example_image: bytes, calibration: Calibration = Calibration(),
+                   onnx_graph: bytes | None = None, extra_settings: dict | None = None) -> str:
     """Log the trained network as a self-contained pyfunc (models-from-code, the serving code
     bundled), with its checked ONNX graph where there is one; returns the model URI. An
     ensemble is an ``nn.ModuleList`` with one architecture name per member."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     members = {"members": names} if len(names) > 1 else {}
     settings = {"model": "+".join(names), **members, "preprocess": spec.to_dict(), "threshold": threshold,
-                "calibration": calibration.to_dict(), **(extra_settings or {})}
+                **rule.record(), "calibration": calibration.to_dict(), **(extra_settings or {})}
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
@@ -127,7 +145,7 @@ def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: Pr
                                        "label": ["benign"]})
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
+            python_model=str(PACKAGE_DIR / SERVED_PACKAGE / "pyfunc_model.py"),
             artifacts=artifacts,
             code_paths=[str(serving_code(Path(tmp) / "code"))],
             signature=infer_signature(example, output_example, params={"explain": False}),

@@ -20,14 +20,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from melanoma.calibration import Calibration
+from melanoma.classifier.calibration import Calibration
+from melanoma.classifier.inference import amp_dtype, autocast, predict_logits, to_model_input
+from melanoma.classifier.models import classifier_head
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import TrainConfig
-from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.data.training_data import TrainingData
 from melanoma.evaluate import classification_metrics
-from melanoma.inference import amp_dtype, autocast, predict_logits, to_model_input
 from melanoma.memory import recycle_freed_memory
-from melanoma.models import classifier_head
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def trained_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> T
     import mlflow
 
     from melanoma.config import TrainConfig
-    from melanoma.pipeline import run_training
+    from melanoma.workflows.training import run_training
 
     root = tmp_path_factory.mktemp("trained")
     ids = []

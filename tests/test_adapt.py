@@ -10,12 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from melanoma.adapt import adapt_batchnorm, run_adaptation, site_operating_point
+from melanoma.classifier.models import build_model
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.cli import main
 from melanoma.config import AdaptSettings
-from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.evaluate import Predictions
-from melanoma.models import build_model
+from melanoma.workflows.adapt import adapt_batchnorm, run_adaptation, site_operating_point
 
 
 def synthetic_site(melanomas: int, benign: int, seed: int = 0) -> Predictions:
@@ -85,19 +85,21 @@ def test_a_site_version_carries_its_threshold_alias_and_card_and_serves(trained_
     assert "## Site clinic-a" in version.description and "out-of-bootstrap" in version.description
     served = mlflow.pyfunc.load_model(summary["registered"])
     classifier = served.unwrap_python_model()
-    assert classifier.settings["site"]["name"] == "clinic-a" and classifier.threshold == summary["threshold"]
+    assert classifier.model.settings["site"]["name"] == "clinic-a" and classifier.model.threshold == summary["threshold"]
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["threshold"] == summary["threshold"] == metrics["site_threshold"]  # 20 melanomas >= 5
     assert metrics["adabn_layers"] == 3
     jpeg = next((demo_root / "test" / "malignant").glob("*.jpg")).read_bytes()
     import base64
+
     import pandas as pd
     answer = served.predict(pd.DataFrame({"image": [base64.b64encode(jpeg).decode()]}))
-    assert answer["label"][0] in ("benign", "malignant")
+    expected = "malignant" if answer["malignant_probability"][0] >= summary["threshold"] else "benign"
+    assert answer["label"][0] == expected  # at the site's threshold
     # Too few melanomas for a trustworthy threshold: the model's is kept, and the run says why.
     with mlflow.start_run() as run:
         kept = run_adaptation(AdaptSettings(**{**settings.__dict__, "min_melanomas": 1000, "register": False}))
-    original = mlflow.pyfunc.load_model(trained_model).unwrap_python_model().threshold
+    original = mlflow.pyfunc.load_model(trained_model).unwrap_python_model().model.threshold
     assert kept["threshold"] == original and "fewer than 1000" in kept["threshold_reason"]
 
 

@@ -48,7 +48,9 @@ def jpeg(shape=(120, 160, 3)) -> bytes:
 def test_the_endpoint_answers_like_the_served_model_and_names_what_is_wrong(app_url):
     status, answer = post(app_url, json.dumps({"image": base64.b64encode(jpeg()).decode()}).encode())
     assert status == 200 and 0 <= answer["malignant_probability"] <= 1
-    assert answer["label"] in ("benign", "malignant") and "operating threshold" in answer["in_words"]
+    expected = "malignant" if answer["malignant_probability"] >= answer["threshold"] else "benign"
+    assert answer["label"] == expected and "operating threshold" in answer["in_words"]
+    assert "the threshold that finds 90% of the melanomas in the model's validation set" in answer["in_words"]
     overlay = cv2.imdecode(np.frombuffer(base64.b64decode(answer["overlay_png"]), np.uint8), cv2.IMREAD_COLOR)
     assert overlay.shape == (120, 160, 3)  # on the photo, at its size
     tiny = cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes()
@@ -78,7 +80,8 @@ def test_the_page_scores_an_uploaded_photo_and_shows_errors_in_words(app_url, tm
         page.wait_for_selector("#result", state="visible", timeout=60_000)
         probability = float(page.inner_text("#probability").rstrip(" %"))
         assert 0 <= probability <= 100
-        assert page.inner_text("#label") in ("benign", "malignant")
+        threshold = float(page.inner_text("#in-words").split("operating threshold ")[1].split("%")[0])
+        assert page.inner_text("#label") == ("malignant" if probability >= threshold else "benign")
         assert "operating threshold" in page.inner_text("#in-words")
         page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
         assert page.evaluate("document.getElementById('overlay').naturalWidth") == 400

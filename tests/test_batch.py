@@ -37,12 +37,15 @@ def test_a_folder_is_scored_row_by_row_with_errors_in_their_rows(trained_runs, m
     out = tmp_path / "out" / "predictions.csv"
     counts = predict_files(f"runs:/{trained_runs.cnn}/model", [photos], out, chunk_size=2)
     rows = {r["path"]: r for r in read(out)}
+    threshold = counts.pop("threshold")
+    assert counts.pop("threshold_rule") == "the threshold that finds 90% of the melanomas in the model's validation set"
     assert counts == {"scored": 4, "errors": 2, "skipped_already_done": 0}
     assert set(rows) == {str(p) for p in image_paths([photos])} and len(rows) == 6
     assert "not a recognised image" in rows[str(photos / "broken.jpg")]["error"]
     assert "needs at least 32x32" in rows[str(photos / "tiny.png")]["error"]
     good = rows[str(photos / "lesion_0.jpg")]
-    assert good["error"] == "" and good["label"] in ("benign", "malignant")
+    assert good["error"] == ""
+    assert good["label"] == ("malignant" if float(good["malignant_probability"]) >= threshold else "benign")
     assert float(good["malignant_probability"]) + float(good["benign_probability"]) == pytest.approx(1)
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from melanoma.bench import time_tricks, run_benchmark
+from melanoma.bench import run_benchmark, time_tricks
 from melanoma.config import TrainConfig
 from melanoma.data.demo import make_demo_dataset
 
@@ -54,3 +54,35 @@ def test_each_trick_is_switched_off_alone_and_interleaved(monkeypatch):
     # on, off, on, off for one trick, then the other: each off-run switches exactly one trick off.
     assert calls == [{}, {"recycle": False}] * 2 + [{}, {"channels_last": False}] * 2
     assert results["trick_recycle_tiny_speedup"] == 2.0 and results["trick_channels_last_tiny_img_per_s_off"] == 50.0
+
+
+def test_the_bench_times_both_engines_where_onnx_runtime_cannot_serve_on_the_device(monkeypatch, tmp_path):
+    """As on a CUDA machine whose ONNX Runtime has no CUDA provider: the model serves with PyTorch,
+    and the bench times it beside ONNX Runtime on the CPU and says which one serves."""
+    import base64
+
+    import cv2
+    import mlflow
+
+    from melanoma import tracking
+    from melanoma.bench import time_engines
+    from melanoma.classifier import logged
+    from melanoma.classifier.decision import ThresholdRule
+    from melanoma.classifier.engine import checked_engine
+    from melanoma.classifier.inference import Scorer
+    from melanoma.classifier.models import build_model
+    from melanoma.classifier.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(img_size=32, channels=3)
+    model = build_model("cnn", 3).eval()
+    photos = [cv2.imencode(".jpg", np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8))[1].tobytes()
+              for i in range(2)]
+    _, graph, _ = checked_engine(Scorer(model, spec), np.zeros((2, 3, 32, 32), np.uint8), torch.device("cpu"))
+    with mlflow.start_run():
+        uri = tracking.log_classifier(model, "cnn", spec, 0.5, ThresholdRule.validation(0.9), photos[0],
+                                      onnx_graph=graph)
+    monkeypatch.setattr(logged, "onnx_usable", lambda device: False)
+    results = time_engines(mlflow.pyfunc.load_model(uri), [base64.b64encode(p).decode() for p in photos], 2, 1)
+    assert results["served_engine"] == "torch" and results["model_device"] == "cpu"
+    assert results["engine_one_ms_torch"] > 0 and results["engine_one_ms_onnxruntime"] > 0
+    assert results["predict_one_onnx_speedup"] == results["predict_one_ms_torch"] / results["predict_one_ms_onnxruntime"]

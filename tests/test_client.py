@@ -6,6 +6,7 @@ import pytest
 
 from tests.components import serve_script
 
+
 @pytest.fixture(scope="module")
 def client():
     return serve_script("client")

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from melanoma.classifier.logged import load_logged_model
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import CrossvalSettings, TrainConfig
-from melanoma.crossval import needed_validation_sensitivity, rule_results, run_crossval, travel_sensitivity
 from melanoma.data.combine import load_datasets
 from melanoma.data.demo import make_demo_dataset
-from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.data.records import DataError
 from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions
-from melanoma.pipeline import TrainingReport
+from melanoma.workflows.crossval import needed_validation_sensitivity, rule_results, run_crossval, travel_sensitivity
+from melanoma.workflows.training import TrainingReport
 
 from .test_datasets import write_metadata_dataset
 
@@ -118,8 +119,10 @@ def test_crossval_trains_a_child_per_source_and_a_final_model(sources):
     assert {"crossval/heldout_auc.png", "crossval/crossval.json"} <= artifacts
     assert client.get_run(parent.info.run_id).data.tags["model_uri"] == summary["model_uri"]
     card = mlflow.artifacts.load_text(f"runs:/{final[0].info.run_id}/model_card.md")
-    assert "The threshold travels" in card and "| isic |" in card
-    assert mlflow.pyfunc.load_model(summary["model_uri"]) is not None
+    assert "The threshold that travels" in card and "| isic |" in card
+    served = load_logged_model(summary["model_uri"])
+    assert served.rule.name == "crossval" and served.threshold == pytest.approx(summary["final_threshold"])
+    assert served.rule.validation_sensitivity == pytest.approx(summary["travel_sensitivity"])
 
 
 def test_crossval_refuses_one_source_and_warns_of_a_one_class_source(sources, tmp_path, caplog):

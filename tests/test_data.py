@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import melanoma.data.dataset as dataset_module
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.data.dataset import prepare_dataset, split_train_val
 from melanoma.data.demo import make_demo_dataset
 from melanoma.data.layout import discover
 from melanoma.data.records import CLASSES, DataError, Source
-from melanoma.data.preprocessing import PreprocessSpec
 
 SPEC = PreprocessSpec(img_size=32, channels=3)
 

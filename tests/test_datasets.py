@@ -11,14 +11,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from melanoma.audit import audit_dataset
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import TrainConfig
 from melanoma.data.combine import copy_pairs, load_datasets, parse_datasets, perceptual_hashes
 from melanoma.data.dataset import prepare_dataset, split_train_val
 from melanoma.data.demo import make_demo_dataset, synthetic_lesion
 from melanoma.data.records import DataError
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.pipeline import run_training
 from melanoma.train import sample_weights
+from melanoma.workflows.training import run_training
 
 SPEC = PreprocessSpec(img_size=32, channels=3, color_constancy=False)
 

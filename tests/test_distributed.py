@@ -6,7 +6,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from melanoma.distributed import fail_orphaned_trials, heartbeats, make_storage, start_trial
+from melanoma.workflows.distributed import fail_orphaned_trials, heartbeats, make_storage, start_trial
 
 
 def test_a_beating_trial_stays_and_a_silent_one_is_failed_and_retried(tmp_path):
@@ -33,3 +33,20 @@ def test_a_trial_no_worker_started_is_failed(tmp_path):
     assert fail_orphaned_trials(study, storage) == 1
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
     assert study.trials[1].number == mine.number
+
+
+def test_a_trial_that_fails_with_a_bug_fails_the_search_unless_asked_to_go_on(tmp_path):
+    import pytest
+
+    from melanoma.workflows.search import run_trial
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_seconds=60)
+    study = optuna.create_study(study_name="bugs", storage=storage)
+
+    def objective(trial):
+        raise TypeError("a bug in the objective")
+
+    with pytest.raises(TypeError, match="a bug"):
+        run_trial(study, storage, start_trial(study, storage), objective)
+    run_trial(study, storage, start_trial(study, storage), objective, continue_on_error=True)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]

@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from melanoma import search
-from melanoma.servers import model_server, ping
+from melanoma.classifier.logged import load_logged_model
 from melanoma.config import SearchSettings, TrainConfig
+from melanoma.servers import model_server, ping
+from melanoma.workflows import search
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="cnn", epochs=2, img_size=32, demo_size=16, gradcam_images=4, batch_size=16, bootstrap=100)
@@ -148,12 +149,13 @@ def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_
         for row in body["predictions"]:
             assert 0 <= row["malignant_probability"] <= 1
             assert row["malignant_probability"] + row["benign_probability"] == pytest.approx(1)
-            assert row["label"] in ("benign", "malignant")
+            threshold = load_logged_model("models:/melanoma-classifier@champion").threshold
+            assert row["label"] == ("malignant" if row["malignant_probability"] >= threshold else "benign")
 
         status, body = post(url, {**rows(jpeg), "params": {"explain": True}})
         overlay = base64.b64decode(body["predictions"][0]["gradcam_png"])
         assert status == 200 and overlay.startswith(b"\x89PNG")
-        assert cv2.imdecode(np.frombuffer(overlay, np.uint8), cv2.IMREAD_COLOR) is not None
+        assert cv2.imdecode(np.frombuffer(overlay, np.uint8), cv2.IMREAD_COLOR).shape == (120, 160, 3)
 
         for payload, message in [(rows(jpeg, "not*base64"), "row 1: not valid base64"),
                                  (rows(base64.b64encode(b"text").decode()), "row 0: not a recognised image"),

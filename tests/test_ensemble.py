@@ -12,11 +12,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import ensemble
+from melanoma.classifier.errors import SettingsError
 from melanoma.cli import main
 from melanoma.config import REGISTERED_MODEL, EnsembleSettings, TrainConfig
 from melanoma.data.training_data import load_data
-from melanoma.ensemble import run_ensemble
-from melanoma.errors import SettingsError
+from melanoma.workflows.ensemble import run_ensemble
 
 
 def test_one_run_reproduces_its_own_threshold_and_external_figure(trained_runs, demo_root, tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_runs_split_differently_are_refused(trained_runs, demo_root, monkeypatch
         ensemble.main([trained_runs.cnn, trained_runs.other_split, "--external", str(demo_root / "test" / "benign")])
 
 
-# The ensemble as a model (melanoma.ensemble): logged, registered, loaded and served.
+# The ensemble as a model (melanoma.workflows.ensemble): logged, registered, loaded and served.
 
 def jpeg_base64(demo_root) -> str:
     path = next((demo_root / "test" / "malignant").glob("*.jpg"))
@@ -61,20 +61,20 @@ def test_an_ensemble_logs_registers_loads_and_serves_the_averaged_logits(trained
 
     served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
     classifier = served.unwrap_python_model()
-    assert classifier.settings["members"] == ["cnn", "cnn"] and len(classifier.members) == 2
-    assert classifier.engine.name == "onnxruntime"  # one graph for both members
+    assert classifier.model.settings["members"] == ["cnn", "cnn"] and len(classifier.model.members) == 2
+    assert classifier.model.engine.name == "onnxruntime"  # one graph for both members
     frame = pd.DataFrame({"image": [jpeg_base64(demo_root)]})
     out = served.predict(frame, params={"explain": True})
     assert set(out.columns) >= {"malignant_probability", "label", "gradcam_png"}
 
-    images, _ = classifier.preprocess_rows([base64.b64decode(frame["image"][0])])
-    member_logits = [mlflow.pyfunc.load_model(f"runs:/{m}/model").unwrap_python_model().engine.logits(images)
+    images, _ = classifier.model.images_from_files([base64.b64decode(frame["image"][0])])
+    member_logits = [mlflow.pyfunc.load_model(f"runs:/{m}/model").unwrap_python_model().model.engine.logits(images)
                      for m in members]
     expected = classifier.calibration.probabilities(torch.stack(member_logits).mean(0))
     assert out["malignant_probability"][0] == pytest.approx(float(expected[0]), abs=1e-4)
     logged = client.get_run(run.info.run_id)
     assert logged.data.params["lr"] == "0.001,0.003" and logged.data.tags["ensemble_runs"] == ",".join(members)
-    assert logged.data.metrics["threshold"] == pytest.approx(classifier.threshold)
+    assert logged.data.metrics["threshold"] == pytest.approx(classifier.model.threshold)
 
 
 def test_members_validated_on_other_images_are_refused_with_the_reason(trained_runs, monkeypatch):

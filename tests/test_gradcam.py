@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma.data.preprocessing import Region
-from melanoma.gradcam import GradCAM, overlay, overlay_on_photo
-from melanoma.models import build_model, gradcam_layer
+from melanoma.classifier.gradcam import GradCAM, overlay, overlay_on_photo
+from melanoma.classifier.models import build_model, gradcam_layer
+from melanoma.classifier.preprocessing import Region
 
 
 class SpotDetector(nn.Module):

@@ -8,10 +8,17 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from melanoma.architectures import ARCHITECTURES, architecture
 from melanoma.bench import notebook_cnn
-from melanoma.models import (NotebookCNN, PretrainedWeightsError, build_model, classifier_head, fold_input_channels,
-                             gradcam_layer, input_normalization)
+from melanoma.classifier.architectures import ARCHITECTURES, architecture
+from melanoma.classifier.models import (
+    NotebookCNN,
+    PretrainedWeightsError,
+    build_model,
+    classifier_head,
+    fold_input_channels,
+    gradcam_layer,
+    input_normalization,
+)
 
 NAMED = list(ARCHITECTURES)
 

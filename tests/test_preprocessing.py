@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-import melanoma.data.preprocessing as preprocessing
-from melanoma.data.preprocessing import (InvalidImageError, PreprocessSpec, decode_image, load_for_model, normalize,
-                                        preprocess)
-from melanoma.data.preprocessing import lesion_box, model_region
+import melanoma.classifier.preprocessing as preprocessing
+from melanoma.classifier.preprocessing import (
+    InvalidImageError,
+    PreprocessSpec,
+    decode_image,
+    lesion_box,
+    load_for_model,
+    model_region,
+    normalize,
+    preprocess,
+)
 
 
 def encode(image: np.ndarray, ext: str) -> bytes:

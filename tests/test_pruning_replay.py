@@ -2,7 +2,7 @@ import optuna
 import pytest
 
 from experiments.pruning_replay import replay
-from melanoma.search import make_pruner
+from melanoma.workflows.search import make_pruner
 
 
 def study_with_curves(curves: list[list[float]]) -> optuna.Study:

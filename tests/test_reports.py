@@ -8,9 +8,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from scipy.stats import norm
 
-from melanoma.calibration import (Calibration, brier_score, expected_calibration_error, fit_calibration,
-                                  fit_temperature)
 from melanoma.card import card_markdown, write_card
+from melanoma.classifier.calibration import (
+    Calibration,
+    brier_score,
+    expected_calibration_error,
+    fit_calibration,
+    fit_temperature,
+)
 from melanoma.cli import main
 from melanoma.evaluate import partial_auc_above_sensitivity, specificity_at_sensitivity
 from melanoma.intervals import bootstrap_intervals, weighted_auc

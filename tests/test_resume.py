@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from melanoma.checkpoint import CheckpointError, load_state, save_atomically
+from melanoma.classifier.models import build_model
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import TrainConfig
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.models import build_model
 from melanoma.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

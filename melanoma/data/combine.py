@@ -24,11 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.data.dataset import PreparedData, prepare_dataset
 from melanoma.data.metadata import DEFAULT_LABEL_MAP
-from melanoma.data.preprocessing import PreprocessSpec
 from melanoma.data.records import DataError, missing_classes
-from melanoma.errors import SettingsError
 
 log = logging.getLogger(__name__)
 

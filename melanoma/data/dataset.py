@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+from melanoma.classifier.preprocessing import PREPROCESS_VERSION, InvalidImageError, PreprocessSpec, load_for_model
 from melanoma.data.layout import discover
-from melanoma.data.preprocessing import PREPROCESS_VERSION, InvalidImageError, PreprocessSpec, load_for_model
 from melanoma.data.records import CLASSES, EXPECTED_LAYOUT, DataError, ImageRecord, Source, missing_classes
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import logging
 from collections import Counter
 from pathlib import PurePosixPath
 
+from melanoma.classifier.errors import SettingsError
 from melanoma.data.records import CLASSES, DataError, ImageRecord, Source
-from melanoma.errors import SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("benign", "malignant")  # label = index: malignant (1) is the positive class
+from melanoma.classifier.decision import CLASSES
 
 EXPECTED_LAYOUT = (
     "Expected the Kaggle layout <root>/train/benign/*.jpg and <root>/train/malignant/*.jpg "

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import TrainConfig
 from melanoma.data.combine import load_datasets, parse_datasets
 from melanoma.data.dataset import PreparedData, cache_dir, split_train_val
 from melanoma.data.demo import demo_dataset
-from melanoma.data.preprocessing import PreprocessSpec
-from melanoma.errors import SettingsError
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melanoma.data.preprocessing import Region
+from melanoma.classifier.preprocessing import Region
 
 BOX_COLOUR = (255, 255, 255)
 

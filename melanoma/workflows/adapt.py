@@ -19,7 +19,6 @@ One MLflow run per adaptation:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import math
@@ -35,21 +34,23 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from tqdm import tqdm
 
+from melanoma import metric_names as names
 from melanoma import tracking
-from melanoma.calibration import fit_calibration
 from melanoma.card import CARD_FILE, CARD_HTML_FILE
-from melanoma.config import AdaptSettings
+from melanoma.classifier.calibration import fit_calibration
+from melanoma.classifier.decision import ThresholdRule
+from melanoma.classifier.engine import checked_engine
+from melanoma.classifier.inference import Scorer
+from melanoma.classifier.logged import load_logged_model
+from melanoma.classifier.preprocessing import InvalidImageError, PreprocessSpec, decode_for_model, preprocess
+from melanoma.config import AdaptSettings, settings_params
 from melanoma.data.dataset import prepare_dataset
 from melanoma.data.layout import read_file
 from melanoma.data.metadata import IMAGE_EXTENSIONS
-from melanoma.data.preprocessing import InvalidImageError, PreprocessSpec, decode_for_model, preprocess
 from melanoma.data.records import DataError, Source, missing_classes
-from melanoma.engine import checked_engine
 from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import sets_figure
-from melanoma.inference import Scorer
-from melanoma.reporting import log_set, set_metrics
-from melanoma.serving import network_names
+from melanoma.reporting import log_set, set_figures
 
 log = logging.getLogger(__name__)
 
@@ -183,26 +184,25 @@ def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint
 def run_adaptation(settings: AdaptSettings) -> dict:
     """Adapt ``settings.model`` to a site inside the active MLflow run; returns the summary."""
     settings.validate()
-    classifier = mlflow.pyfunc.load_model(settings.model).unwrap_python_model()  # this process's own copy
-    spec, device = classifier.spec, torch.device("cpu")
+    base = load_logged_model(settings.model)  # this process's own copy
+    spec, device = base.spec, torch.device("cpu")
     site = prepare_dataset(settings.data, spec, require_train=False)
     tracking.tag_experiment()
     mlflow.set_tags({"adaptation": "true", "site": settings.site, "model_uri": settings.model})
-    mlflow.log_params({k: str(v) for k, v in dataclasses.asdict(settings).items()})
-    model = classifier.model.cpu().float()
+    tracking.log_params(settings_params(settings))
+    model = base.network.cpu().float()
     adabn_layers = 0
     if settings.adabn:
         unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
         adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn, settings.adabn_depth)
         mlflow.log_metrics({"adabn_photos": len(unlabelled), "adabn_layers": adabn_layers})
-    tta = classifier.settings.get("tta", "none")
-    engine, graph, _ = checked_engine(Scorer(model, spec, tta), np.asarray(site.images[:256]), device)
+    engine, graph, _ = checked_engine(Scorer(model, spec, base.tta), np.asarray(site.images[:256]), device)
     logits = engine.logits(np.asarray(site.images))
     labels, groups = site.labels, np.asarray(site.groups)
 
-    local = log_set("site", "site_", labels, logits, classifier.calibration, classifier.threshold, groups,
+    local = log_set("site", names.SITE, labels, logits, base.calibration, base.threshold, groups,
                     settings.bootstrap, settings.seed)
-    calibration = classifier.calibration
+    calibration = base.calibration
     if settings.recalibrate:
         if missing_classes(labels):
             raise DataError(f"the site's photos have no {missing_classes(labels)[0]} images: calibration cannot "
@@ -210,7 +210,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
         calibration = fit_calibration(calibration.method if calibration.method != "none" else "temperature",
                                       logits, labels)
     site_preds = Predictions(labels, calibration.probabilities(logits), groups)
-    point, chosen, reason = None, classifier.threshold, "the model's threshold"
+    point, chosen, rule, reason = None, base.threshold, base.rule, "the model's threshold"
     if missing_classes(labels):
         reason = f"the model's threshold: the site's photos have no {' or '.join(missing_classes(labels))} images"
         log.warning("%s: no site threshold can be chosen (%s); keeping the model's threshold",
@@ -225,25 +225,26 @@ def run_adaptation(settings: AdaptSettings) -> dict:
             log.warning("%s; pass --force_threshold true to use it anyway", reason)
         else:
             chosen, reason = point.threshold, f"chosen on the site for {settings.target_sensitivity:.0%} sensitivity"
+            rule = ThresholdRule("site", settings.target_sensitivity, settings.target_sensitivity)
         mlflow.log_metrics({"site_threshold": point.threshold, "site_melanomas": point.melanomas,
                             "site_sensitivity_next_ci_low": low, "site_sensitivity_next_ci_high": high,
                             "site_specificity_at_site_threshold": point.specificity,
                             "site_specificity_next_ci_low": point.specificity_interval[0],
                             "site_specificity_next_ci_high": point.specificity_interval[1]})
-    served = set_metrics(site_preds, chosen, settings.bootstrap, settings.seed)
-    tracking.log_metrics(served, prefix="site_served_")
+    served = set_figures(site_preds, chosen, settings.bootstrap, settings.seed)
+    tracking.log_metrics(served, prefix=names.SITE_SERVED)
     tracking.log_figure(sets_figure({"model's threshold": local, "site's served threshold": served}),
                         "site/operating_points.png")
-    mlflow.log_metric("threshold", chosen)
+    tracking.log_threshold(chosen, rule)
 
     section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels))
-    site_settings = {**{k: v for k, v in classifier.settings.items() if k not in ("threshold", "calibration")},
+    site_settings = {**{k: v for k, v in base.settings.items() if k not in ("threshold", "calibration")},
                      "site": {"name": settings.site, "adapted_from": settings.model, "date": datetime.date.today().isoformat(),
                               "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn,
                               "adabn_depth": settings.adabn_depth}}
     example_bytes = read_file(site.source, site.paths[0])
-    model_uri = tracking.log_classifier(model, network_names(classifier.settings), spec, chosen, example_bytes,
-                                        calibration, graph, site_settings)
+    model_uri = tracking.log_classifier(model, base.names, spec, chosen, rule, example_bytes, calibration, graph,
+                                        site_settings)
     mlflow.set_tag("site_model_uri", model_uri)
     card_text = (trained_card(settings.model) + "\n\n" + section).strip()
     mlflow.log_text(card_text, CARD_FILE)  # the page (melanoma app) shows the card of the model's run

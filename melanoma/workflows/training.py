@@ -17,23 +17,30 @@ import numpy as np
 import torch
 
 from melanoma import card, tracking
+from melanoma import metric_names as names
 from melanoma.audit import audit_dataset, audit_figure, public_report
-from melanoma.calibration import fit_calibration
 from melanoma.checkpoint import RunCheckpoints
-from melanoma.config import TrainConfig
+from melanoma.classifier.calibration import fit_calibration
+from melanoma.classifier.decision import ThresholdRule
+from melanoma.classifier.engine import checked_engine
+from melanoma.classifier.gradcam import ensemble_gradcam, fit_longest_side, overlay_on_photo, side_by_side
+from melanoma.classifier.inference import Scorer, select_device, to_model_input
+from melanoma.classifier.models import build_model, gradcam_layer, has_pretrained_weights
+from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region
+from melanoma.config import TrainConfig, settings_params
 from melanoma.data.dataset import PreparedData, cache_dir
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import read_file
-from melanoma.data.preprocessing import PreprocessSpec, decode_for_model, model_region
 from melanoma.data.training_data import TrainingData, load_data
-from melanoma.engine import checked_engine
-from melanoma.evaluate import (Predictions, classification_metrics, external_names, operating_point, score_folder,
-                               source_metrics)
-from melanoma.figures import (confusion_figure, gradcam_panel, history_figure, reliability_figure, roc_figure,
-                              sets_figure)
-from melanoma.gradcam import ensemble_gradcam, fit_longest_side, overlay_on_photo, side_by_side
-from melanoma.inference import Scorer, select_device, to_model_input
-from melanoma.models import build_model, gradcam_layer, has_pretrained_weights
+from melanoma.evaluate import (
+    Predictions,
+    classification_metrics,
+    external_names,
+    operating_point,
+    score_folder,
+    source_metrics,
+)
+from melanoma.figures import confusion_figure, gradcam_panel, history_figure, sets_figure
 from melanoma.reporting import dataset_params, log_set
 from melanoma.train import EpochCallback, fit_data
 
@@ -73,9 +80,9 @@ def cached_audit(datasets: str, label_map: str, seed: int, digest: str, demo: st
 def log_audit(cfg: TrainConfig, digest: str, demo: Path) -> None:
     """The data audit of every training run: metrics, verdict, the source x class table, JSON and figure."""
     report = cached_audit(cfg.data, cfg.label_map, cfg.seed, digest, str(demo))
-    tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix="audit_")
+    tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix=names.AUDIT)
     for source, row in report["sources"].items():
-        tracking.log_metrics({f"{source}_{k}": v for k, v in row.items() if k != "warning"}, prefix="audit_")
+        tracking.log_metrics({k: v for k, v in row.items() if k != "warning"}, prefix=names.audit_source(source))
     mlflow.set_tag("audit_verdict", report["verdict"][:5000])
     tracking.log_json(public_report(report), "audit/audit.json")
     tracking.log_figure(audit_figure(report), "audit/audit.png")
@@ -114,14 +121,14 @@ class TrainingReport:
 
 
 def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, resume: dict | None = None,
-                 checkpoints: bool = True, validation_sensitivity: float | None = None) -> TrainingReport:
+                 checkpoints: bool = True, rule: ThresholdRule | None = None) -> TrainingReport:
     """Train and log everything to the active MLflow run.
 
     ``on_epoch_end`` is called after MLflow has the epoch's metrics (the search uses it to prune).
     With ``checkpoints`` every epoch leaves a checkpoint (``melanoma.checkpoint``); ``resume``,
     one such checkpoint of this run, continues training after its epoch. The operating threshold
-    finds ``cfg.target_sensitivity`` of the validation melanomas, or ``validation_sensitivity`` of
-    them where cross-source validation found the share that travels (``melanoma.crossval``).
+    finds ``cfg.target_sensitivity`` of the validation melanomas, or follows ``rule`` (the share
+    that travels, which cross-source validation found: ``melanoma.workflows.crossval``).
     """
     cfg.validate()
     if cfg.num_threads:
@@ -135,9 +142,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     mlflow.set_tags({"dataset": "synthetic-demo" if run_data.synthetic else "real",
                      "synthetic_data": str(run_data.synthetic).lower(), "model_family": cfg.model,
                      "device": device.type})
-    tracking.log_new_params({**cfg.to_params(),
-                             "data_location": ",".join(str(p.resolve()) for p in run_data.locations)})
-    mlflow.log_params(dataset_params(data, fit_idx, val_idx, test_idx))
+    tracking.log_params({**settings_params(cfg), "data_location": ",".join(str(p.resolve()) for p in run_data.locations),
+                         **dataset_params(data, fit_idx, val_idx, test_idx)})
     if data.skipped:
         tracking.log_json({"skipped": data.skipped}, "data/skipped_files.json")
 
@@ -159,7 +165,7 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
     log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
     tracking.log_figure(history_figure(result.history), "training/history.png")
-    report = report_model(model, cfg.model, run_data, cfg, device, validation_sensitivity)
+    report = report_model(model, cfg.model, run_data, cfg, device, rule or ThresholdRule.validation(cfg.target_sensitivity))
     if saver is not None:
         saver.remove_local()
     report.summary["best_val_auc"] = result.best_val_auc
@@ -167,10 +173,10 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
 
 
 def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: TrainingData, cfg: TrainConfig,
-                 device: torch.device, validation_sensitivity: float | None = None) -> TrainingReport:
+                 device: torch.device, rule: ThresholdRule) -> TrainingReport:
     """A trained network (or an ensemble's ``nn.ModuleList``, one name per member) calibrated
-    and given its operating threshold on validation, every set reported with intervals, figures,
-    and logged as the run's model with its card; inside the active run."""
+    and given its operating threshold on validation by ``rule``, every set reported with
+    intervals, figures, and logged as the run's model with its card; inside the active run."""
     spec = cfg.preprocess_spec()
     data, val_idx, test_idx = run_data.data, run_data.val_idx, run_data.data.indices("test")
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
@@ -186,23 +192,21 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     val_labels, val_logits = data.labels[val_idx], logits_of(val_idx)
     calibration = fit_calibration(cfg.calibration, val_logits, val_labels)
     val_probs = calibration.probabilities(val_logits)
-    threshold_rule = "validation" if validation_sensitivity is None else "crossval"
-    point = operating_point(val_labels, val_probs, validation_sensitivity or cfg.target_sensitivity)
-    mlflow.log_metrics({"threshold": point.threshold, "temperature": calibration.temperature,
-                        "threshold_validation_sensitivity": validation_sensitivity or cfg.target_sensitivity})
-    mlflow.set_tag("threshold_rule", threshold_rule)
+    point = operating_point(val_labels, val_probs, rule.validation_sensitivity)
+    tracking.log_threshold(point.threshold, rule)
+    mlflow.log_metric("temperature", calibration.temperature)
     tracking.log_metrics(classification_metrics(val_labels, val_probs), prefix="best_val_")
-    sets = {"val": log_set("val", "val_op_", val_labels, val_logits, calibration, point.threshold,
+    sets = {"val": log_set("val", names.VALIDATION, val_labels, val_logits, calibration, point.threshold,
                            groups[val_idx], cfg.bootstrap, cfg.seed)}
     by_source = source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold)
     for source, metrics in by_source.items():
-        tracking.log_metrics(metrics, prefix=f"val_{source}_")
+        tracking.log_metrics(metrics, prefix=names.validation_source(source))
     holdout = None
     if len(run_data.holdout_idx):
         held = run_data.holdout_idx
         held_logits = logits_of(held)
         sets[f"holdout {cfg.holdout_source}"] = log_set(
-            f"holdout_{cfg.holdout_source}", f"holdout_{cfg.holdout_source}_", data.labels[held], held_logits,
+            f"holdout_{cfg.holdout_source}", names.holdout(cfg.holdout_source), data.labels[held], held_logits,
             calibration, point.threshold, groups[held], cfg.bootstrap, cfg.seed)
         holdout = Predictions(data.labels[held], calibration.probabilities(held_logits), groups[held])
 
@@ -211,22 +215,20 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
         test_labels, test_logits = data.labels[test_idx], logits_of(test_idx)
         report_split, report_idx, report_probs = "test", test_idx, calibration.probabilities(test_logits)
         tracking.log_metrics(classification_metrics(test_labels, report_probs), prefix="test_")
-        sets["test"] = log_set("test", "test_op_", test_labels, test_logits, calibration, point.threshold,
+        sets["test"] = log_set("test", names.TEST, test_labels, test_logits, calibration, point.threshold,
                                groups[test_idx], cfg.bootstrap, cfg.seed)
     log_report_figures(model, data, report_idx, report_probs, report_split, point.threshold, cfg, spec, device)
 
     for name, folder in external_names(cfg.external_dirs).items():
         external, logits = score_folder(engine, folder, spec)
-        sets[name] = log_set(name, f"external_{name}_", external.labels, logits, calibration, point.threshold,
+        sets[name] = log_set(name, names.external(name), external.labels, logits, calibration, point.threshold,
                              external.groups, cfg.bootstrap, cfg.seed)
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
                         "evaluation/operating_point_by_set.png")
 
     example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
-    model_uri = tracking.log_classifier(model.cpu(), model_name, spec, point.threshold, example_bytes, calibration,
-                                        graph, {"target_sensitivity": cfg.target_sensitivity, "tta": cfg.tta,
-                                         "threshold_rule": threshold_rule,
-                                         "threshold_validation_sensitivity": validation_sensitivity or cfg.target_sensitivity})
+    model_uri = tracking.log_classifier(model.cpu(), model_name, spec, point.threshold, rule, example_bytes,
+                                        calibration, graph, {"tta": cfg.tta})
     mlflow.set_tag("model_uri", model_uri)
     card.log_card(mlflow.active_run().info.run_id)
     report = sets[report_split]

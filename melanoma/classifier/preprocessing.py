@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from melanoma.architectures import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.classifier.architectures import IMAGENET_MEAN, IMAGENET_STD
 
 # Bump when preprocessing changes, so cached arrays made by older code are not reused.
 PREPROCESS_VERSION = 3
@@ -74,9 +74,21 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessSpec:
+        """A stored spec; settings it predates take the values its model was trained with
+        (``LEGACY_PREPROCESS``), never today's defaults."""
+        return cls(**{**LEGACY_PREPROCESS, **values})
+
     def image_settings(self) -> dict:
         """The settings that shape the uint8 image (normalisation comes later, on tensors)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("rgb_mean", "rgb_std")}
+
+
+# What models logged before a setting existed were preprocessed with: no lesion crop, its margin
+# 0.2 once the crop existed, no colour constancy or corner mask, ImageNet statistics.
+LEGACY_PREPROCESS = {"color_constancy": False, "mask_corners": False, "crop_lesion": False, "crop_margin": 0.2,
+                     "rgb_mean": IMAGENET_MEAN, "rgb_std": IMAGENET_STD}
 
 
 def image_dimensions(data: bytes) -> tuple[int, int]:
@@ -214,10 +226,15 @@ def load_for_model(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return preprocess(decode_for_model(data, spec), spec)
 
 
-def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (N, C, H, W), or floats already scaled to [0, 1] -> float32 normalised with the
-    spec's mean and std."""
-    x = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+def normalization(spec: PreprocessSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's mean and std as (1, C, 1, 1) tensors, in units of the [0, 1] pixel scale."""
+    shape = (1, -1, 1, 1)
+    return (torch.tensor(spec.mean, device=device).view(shape), torch.tensor(spec.std, device=device).view(shape))
+
+
+def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W), or floats already scaled to [0, 1] -> float32 normalised with ``mean``
+    and ``std`` (``normalization``). The one normalisation of training, evaluation, serving and
+    the exported graph."""
+    x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
     return (x - mean) / std

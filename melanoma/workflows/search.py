@@ -6,7 +6,7 @@ child run per trial.
 
 The objective is the best validation AUC of a trial's training run (never the test split), or
 with ``objective=crossval_worst_auc`` (``crossval_mean_auc``) the worst (mean) AUC on held-out
-sources of a cross-source validation per trial (``melanoma.crossval``; K+1 trainings a trial).
+sources of a cross-source validation per trial (``melanoma.workflows.crossval``; K+1 trainings a trial).
 Each trial is a child run of the search run with the same params and per-epoch metrics as a
 `main` run (a crossval trial's held-out runs are its children); pruned trials end KILLED with
 the tag ``pruned=true``. The study lives in
@@ -17,7 +17,7 @@ registered and the alias moved to it.
 Several workers (the same command started N times, on one machine with SQLite or on several
 with PostgreSQL) share one study: together they finish exactly ``n_trials`` trials, each trial a
 child run of its own worker's search run, and whichever worker sees the study done registers
-the best model, once (``melanoma.distributed``).
+the best model, once (``melanoma.workflows.distributed``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from melanoma import tracking
-from melanoma.config import SearchSettings, TrainConfig, config_from_args
-from melanoma.distributed import fail_orphaned_trials, heartbeats, make_storage, start_trial, study_lock
-from melanoma.errors import SettingsError
-from melanoma.pipeline import run_training
+from melanoma.classifier.errors import SettingsError
+from melanoma.config import SearchSettings, TrainConfig, config_from_args, settings_params
+from melanoma.workflows.distributed import fail_orphaned_trials, heartbeats, make_storage, start_trial, study_lock
+from melanoma.workflows.training import run_training
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, param
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({"optuna_study": study_name, "optuna_trial": trial.number})
             if objective_name.startswith("crossval_"):  # no epochs to prune on: K trainings, then the final one
-                from melanoma.crossval import run_crossval
+                from melanoma.workflows.crossval import run_crossval
 
                 return run_crossval(cfg)[objective_name]
             try:
@@ -113,8 +113,9 @@ def log_study(study: optuna.Study, objective: str) -> dict:
     counts = {state.name.lower(): by_state[state] for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     best = study.best_trial
-    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-    mlflow.log_metrics({f"best_{objective}": best.value, "best_trial": best.number,
+    # Metrics, not params: a resumed search's best may change, and a param cannot.
+    mlflow.log_metrics({**{f"best_{k}": v for k, v in best.params.items()}, f"best_{objective}": best.value,
+                        "best_trial": best.number,
                         "epochs_total": sum(len(t.intermediate_values) for t in study.trials)})
     plots = [("search/optimization_history.png", optuna_plots.plot_optimization_history)]
     if counts["complete"] >= 2:
@@ -175,8 +176,9 @@ def claim_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, storag
 
 
 def run_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial,
-              objective: Callable[[optuna.Trial], float]) -> None:
-    """The objective with heartbeats, its outcome told to the study (as ``study.optimize`` does)."""
+              objective: Callable[[optuna.Trial], float], continue_on_error: bool = False) -> None:
+    """The objective with heartbeats, its outcome told to the study (as ``study.optimize`` does).
+    A trial that raises is FAILED, and the error ends the search unless ``continue_on_error``."""
     with heartbeats(storage, study, trial.number):
         try:
             value = objective(trial)
@@ -187,8 +189,10 @@ def run_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: o
             study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception:
-            log.exception("trial %d failed", trial.number)
             study.tell(trial, state=TrialState.FAIL)
+            if not continue_on_error:
+                raise
+            log.exception("trial %d failed; the search goes on (continue_on_trial_error)", trial.number)
             return
     study.tell(trial, value)
 
@@ -232,10 +236,10 @@ def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -
         tracking.tag_experiment()
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
                          "synthetic_data": str(base.data == "demo").lower()})
-        tracking.log_new_params({"study_name": study_name, "storage": safe_url(storage_url),
-                                 "pruner": settings.pruner, "objective": settings.objective,
-                                 "searched": ",".join(searched),
-                                 **{f"base_{k}": v for k, v in base.to_params().items()}})
+        mlflow.set_tag("optuna_storage", safe_url(storage_url))
+        # The settings as `mlflow run` logs them, less the storage URL (it may hold a password).
+        tracking.log_params({k: v for k, v in {**settings_params(base), **settings_params(settings)}.items()
+                             if k != "storage"})
         objective = make_objective(base, parent.info.run_id, study_name, searched, settings.objective)
         deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
         while time.monotonic() < deadline:
@@ -245,7 +249,7 @@ def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -
             if trial is True:
                 time.sleep(min(heartbeat, 5))  # the others' trials: wait for them to end (or go stale)
                 continue
-            run_trial(study, storage, trial, objective)
+            run_trial(study, storage, trial, objective, settings.continue_on_trial_error)
         summary = log_study(study, settings.objective)
         version = register_once(study, storage_url, settings.registered_model, settings.alias, settings.objective)
         mlflow.set_tags({"registered_model": settings.registered_model, "registered_version": version})

@@ -13,6 +13,8 @@ import mlflow
 import numpy as np
 
 from melanoma import card, tracking
+from melanoma import metric_names as names
+from melanoma.classifier.logged import load_logged_model
 from melanoma.evaluate import score_folder
 from melanoma.figures import confusion_figure
 from melanoma.reporting import log_set
@@ -27,8 +29,8 @@ def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None 
     ``data``: a Kaggle layout (its ``test/`` is scored when there is one, else everything),
     ``benign/`` and/or ``malignant/`` folders, or one folder named after a class.
     """
-    classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    prepared, logits = score_folder(classifier.engine, data, classifier.spec)
+    model = load_logged_model(model_uri)
+    prepared, logits = score_folder(model.engine, data, model.spec)
     chosen = prepared.indices("test")
     if not len(chosen):
         chosen = np.arange(len(prepared.labels))
@@ -41,15 +43,15 @@ def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None 
     with mlflow.start_run(run_name=f"evaluate-{name}"):
         tracking.tag_experiment()
         mlflow.set_tags({"evaluation": "external", "model_uri": model_uri, "source_run_id": source_run_id})
-        mlflow.log_params({"model_uri": model_uri, "data": str(Path(data).resolve()), "name": name,
-                           "threshold": classifier.threshold})
-        metrics = log_set(name, f"{name}_", labels, logits, classifier.calibration, classifier.threshold,
+        tracking.log_params({"model_uri": model_uri, "data": str(Path(data).resolve()), "name": name,
+                             "threshold": str(model.threshold)})
+        metrics = log_set(name, names.evaluation(name), labels, logits, model.calibration, model.threshold,
                           np.asarray(prepared.md5s)[chosen], bootstrap)
         metrics["skipped_files"] = len(prepared.skipped)
         mlflow.log_metric(f"{name}_skipped_files", len(prepared.skipped))
         if len(set(labels)) == 2:
-            tracking.log_figure(confusion_figure(labels, classifier.calibration.probabilities(logits),
-                                                 classifier.threshold, name), f"evaluation/confusion_{name}.png")
+            tracking.log_figure(confusion_figure(labels, model.calibration.probabilities(logits),
+                                                 model.threshold, name), f"evaluation/confusion_{name}.png")
     if source_run_id:
         card.write_card(source_run_id)  # the model's card now lists this evaluation too
-    return {"name": name, "threshold": classifier.threshold, **metrics}
+    return {"name": name, "threshold": model.threshold, "threshold_rule": model.rule.in_words(), **metrics}

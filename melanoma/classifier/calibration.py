@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from melanoma.errors import SettingsError
+from melanoma.classifier.errors import SettingsError
 
 METHODS = ("temperature", "isotonic", "none")
 ECE_BINS = 15

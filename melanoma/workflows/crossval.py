@@ -25,18 +25,21 @@ import logging
 import mlflow
 import numpy as np
 
+from melanoma import metric_names as names
 from melanoma import tracking
 from melanoma.card import write_card
-from melanoma.config import CrossvalSettings, TrainConfig
+from melanoma.classifier.decision import ThresholdRule
+from melanoma.classifier.errors import SettingsError
+from melanoma.config import CrossvalSettings, TrainConfig, settings_params
 from melanoma.data.combine import load_datasets
 from melanoma.data.dataset import cache_dir
 from melanoma.data.demo import demo_dataset
 from melanoma.data.records import DataError, missing_classes
-from melanoma.errors import SettingsError
 from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import crossval_figure, sets_figure
-from melanoma.pipeline import TrainingReport, run_training
-from melanoma.reporting import set_metrics
+from melanoma.metric_names import with_prefix
+from melanoma.reporting import set_figures
+from melanoma.workflows.training import TrainingReport, run_training
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def rule_results(children: dict[str, TrainingReport], target: float, resamples: 
         if source not in needed or not others:
             continue
         shares = {"validation": target, "crossval": float(np.mean(others))}
-        out[source] = {rule: {**set_metrics(report.holdout, threshold_for_sensitivity(report.val.labels,
+        out[source] = {rule: {**set_figures(report.holdout, threshold_for_sensitivity(report.val.labels,
                                                                                      report.val.probs, share),
                                             resamples, seed), "validation_sensitivity": share}
                        for rule, share in shares.items()}
@@ -105,24 +108,23 @@ def log_summary(children: dict[str, TrainingReport], rules: dict, cfg: TrainConf
     """The parent run's metrics and figures; returns the metrics."""
     metrics: dict[str, float] = {}
     for source, report in children.items():
-        at_own = set_metrics(report.holdout, report.summary["threshold"], cfg.bootstrap, cfg.seed)
-        metrics.update({f"heldout_{source}_{k}": v for k, v in at_own.items()})
+        at_own = set_figures(report.holdout, report.summary["threshold"], cfg.bootstrap, cfg.seed)
+        metrics.update({f"{names.crossval_heldout(source)}{k}": v for k, v in at_own.items()})
         for rule, values in rules.get(source, {}).items():
-            metrics.update({f"heldout_{source}_{rule}_rule_{k}": v for k, v in values.items()
+            metrics.update({f"{names.crossval_heldout(source)}{names.rule(rule)}{k}": v for k, v in values.items()
                             if k in ("sensitivity", "specificity", "threshold", "validation_sensitivity")
                             or k.startswith(("sensitivity_ci", "specificity_ci"))})
-    aucs = {s: metrics[f"heldout_{s}_auc"] for s in children if f"heldout_{s}_auc" in metrics}
+    aucs = {s: metrics[f"{names.crossval_heldout(s)}auc"] for s in children if f"{names.crossval_heldout(s)}auc" in metrics}
     if aucs:
         metrics["crossval_mean_auc"] = float(np.mean(list(aucs.values())))
         metrics["crossval_worst_auc"] = float(min(aucs.values()))
     for rule in ("validation", "crossval"):
         rows = [r[rule] for r in rules.values()]
         if rows:
-            metrics[f"crossval_{rule}_rule_worst_sensitivity"] = min(r["sensitivity"] for r in rows)
-            metrics[f"crossval_{rule}_rule_worst_specificity"] = min(r["specificity"] for r in rows)
+            metrics[f"crossval_{names.rule(rule)}worst_sensitivity"] = min(r["sensitivity"] for r in rows)
+            metrics[f"crossval_{names.rule(rule)}worst_specificity"] = min(r["specificity"] for r in rows)
     tracking.log_metrics(metrics)
-    tracking.log_figure(crossval_figure({s: {k.removeprefix(f"heldout_{s}_"): v for k, v in metrics.items()
-                                             if k.startswith(f"heldout_{s}_")} for s in children}),
+    tracking.log_figure(crossval_figure({s: with_prefix(metrics, names.crossval_heldout(s)) for s in children}),
                         "crossval/heldout_auc.png")
     if rules:
         tracking.log_figure(sets_figure({f"{s}: {rule} rule": v for s, r in rules.items() for rule, v in r.items()}),
@@ -142,8 +144,7 @@ def run_crossval(cfg: TrainConfig, settings: CrossvalSettings = CrossvalSettings
     tracking.tag_experiment()
     mlflow.set_tags({"crossval": "true", "crossval_sources": ",".join(sources),
                      "synthetic_data": str("demo" in cfg.data.split(",")).lower()})
-    tracking.log_new_params({**cfg.to_params(), **{k: str(v).lower() if isinstance(v, bool) else str(v)
-                                                   for k, v in dataclasses.asdict(settings).items()}})
+    tracking.log_params({**settings_params(cfg), **settings_params(settings)})
     children = {}
     for source in sources:
         with mlflow.start_run(run_name=f"heldout-{source}", parent_run_id=parent, nested=True):
@@ -154,12 +155,14 @@ def run_crossval(cfg: TrainConfig, settings: CrossvalSettings = CrossvalSettings
     travel = travel_sensitivity(children, cfg.target_sensitivity)
     mlflow.log_metric("travel_sensitivity", travel)
     if settings.final:
-        share = travel if settings.threshold_rule == "crossval" else None
+        rule = (ThresholdRule("crossval", cfg.target_sensitivity, travel) if settings.threshold_rule == "crossval"
+                else ThresholdRule.validation(cfg.target_sensitivity))
         with mlflow.start_run(run_name="all-sources", parent_run_id=parent, nested=True) as final:
-            mlflow.set_tag("crossval_final", "true")
-            final_report = run_training(cfg, checkpoints=False, validation_sensitivity=share)
+            mlflow.set_tags({"crossval_final": "true", "crossval_sources": ",".join(sources)})
+            final_report = run_training(cfg, checkpoints=False, rule=rule)
             # What the rule gave at each held-out source: the final model's card quotes it.
-            tracking.log_metrics({k: v for k, v in summary.items() if k.startswith("heldout_")}, prefix="crossval_")
+            tracking.log_metrics({f"{names.crossval_quoted(s)}{k}": v for s in sources
+                                  for k, v in with_prefix(summary, names.crossval_heldout(s)).items()})
         write_card(final.info.run_id)
         mlflow.set_tags({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id})
         summary.update({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id,

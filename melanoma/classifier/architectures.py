@@ -1,7 +1,7 @@
 """The model table: every architecture a run can name, without importing a framework.
 
 One entry per named model; ``timm:NAME`` and ``torchvision:NAME`` reach any other architecture
-of those libraries. ``melanoma.models`` builds them; the config, the CLI and the bench read
+of those libraries. ``melanoma.classifier.models`` builds them; the config, the CLI and the bench read
 their names from here, so ``melanoma --help`` stays free of torch.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from melanoma.errors import SettingsError
+from melanoma.classifier.errors import SettingsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,4 +1,4 @@
-"""Build any model of the table (``melanoma.architectures``): 2 classes, 1 or 3 input channels,
+"""Build any model of the table (``melanoma.classifier.architectures``): 2 classes, 1 or 3 input channels,
 ImageNet weights where asked, its classifier head and its Grad-CAM layer."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from melanoma.architectures import IMAGENET_MEAN, IMAGENET_STD, Architecture, architecture
-from melanoma.errors import SettingsError
+from melanoma.classifier.architectures import IMAGENET_MEAN, IMAGENET_STD, Architecture, architecture
+from melanoma.classifier.errors import SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The one inference path that training, evaluation, serving and the experiments share. What is
 scored is a ``Scorer``: uint8 images in, logits out, normalisation and test-time augmentation
-inside, so PyTorch and the exported ONNX graph (``melanoma.engine``) compute the same function.
+inside, so PyTorch and the exported ONNX graph (``melanoma.classifier.engine``) compute the same function.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma.calibration import Calibration
-from melanoma.data.preprocessing import PreprocessSpec, normalize
-from melanoma.errors import SettingsError
+from melanoma.classifier.calibration import Calibration
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.preprocessing import PreprocessSpec, normalization, normalize
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -50,7 +50,7 @@ def to_model_input(batch: torch.Tensor, spec: PreprocessSpec, device: torch.devi
     """uint8 (N, C, H, W), or floats in [0, 1] -> normalised float on ``device``, channels-last
     (oneDNN's fast layout: the notebook configuration trains 1.9x as fast in it; ``melanoma bench
     --tricks``)."""
-    x = normalize(batch.to(device, non_blocking=True), spec)
+    x = normalize(batch.to(device, non_blocking=True), *normalization(spec, device))
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -80,11 +80,12 @@ class Scorer(nn.Module):
             raise SettingsError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.members = nn.ModuleList(members if isinstance(members, (list, tuple, nn.ModuleList)) else [members])
         self.tta = tta
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1) * 255, persistent=False)
+        mean, std = normalization(spec)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        x = normalize(images, self.mean, self.std)
         views = test_time_views(x, self.tta)
         x = torch.cat(views).contiguous(memory_format=torch.channels_last)
         logits = torch.stack([member(x).float() for member in self.members]).mean(0)

@@ -18,8 +18,9 @@ import warnings
 
 import numpy as np
 import torch
+from torch.onnx.errors import OnnxExporterError
 
-from melanoma.inference import TTA_VIEWS, Scorer, predict_logits
+from melanoma.classifier.inference import TTA_VIEWS, Scorer, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,19 @@ def probability_difference(scorer: Scorer, engine: OnnxEngine, images: np.ndarra
     return float((torch.softmax(ours.float(), 1)[:, 1] - torch.softmax(reference, 1)[:, 1]).abs().max())
 
 
+def runtime_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a graph it cannot load or run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    return tuple(getattr(ort_state, name) for name in ("Fail", "InvalidArgument", "InvalidGraph", "NotImplemented",
+                                                        "RuntimeException", "EPFail", "InvalidProtobuf"))
+
+
+# The TorchScript exporter reports an operator it cannot export as OnnxExporterError, a trace it
+# cannot take as RuntimeError; anything else (a TypeError, say) is a bug and propagates.
+EXPORT_ERRORS = (OnnxExporterError, RuntimeError)
+
+
 def checked_engine(scorer: Scorer, images: np.ndarray, device: torch.device) -> tuple[object, bytes | None, float]:
     """The engine to score with, the ONNX graph if it passed its check, and the difference
     measured on ``images`` (real model inputs); PyTorch where the graph cannot be exported,
@@ -110,10 +124,14 @@ def checked_engine(scorer: Scorer, images: np.ndarray, device: torch.device) -> 
     spec_channels, side = images.shape[1], images.shape[-1]
     try:
         graph = export_onnx(scorer, spec_channels, side)
+    except EXPORT_ERRORS as exc:
+        log.warning("the ONNX export failed (%s): scoring with PyTorch", exc)
+        return TorchEngine(scorer, device), None, float("nan")
+    try:
         engine = OnnxEngine(graph, views=TTA_VIEWS[scorer.tta])
         difference = probability_difference(scorer, engine, images)
-    except Exception as exc:  # any exporter or runtime failure: PyTorch scores, the run says why
-        log.warning("the ONNX export failed (%s): scoring with PyTorch", exc)
+    except runtime_errors() as exc:
+        log.warning("ONNX Runtime cannot run the exported graph (%s): scoring with PyTorch", exc)
         return TorchEngine(scorer, device), None, float("nan")
     if difference > TOLERANCE:
         log.warning("the ONNX graph differs from PyTorch by %.2g in probability (over %g): scoring with PyTorch",

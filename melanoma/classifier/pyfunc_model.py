@@ -5,6 +5,6 @@ Logged with the package as ``code_paths``, so the model loads where melanoma is 
 
 from mlflow.models import set_model
 
-from melanoma.serving import MelanomaClassifier
+from melanoma.classifier.pyfunc import MelanomaClassifier
 
 set_model(MelanomaClassifier())
