@@ -199,6 +199,11 @@ class AdaptSettings:
     recalibrate: bool = False  # refit the model's calibration on the site's labelled photos
     adabn: float = 0.0  # share of the site's BatchNorm statistics (0: the model's, 1: the site's alone)
     adabn_depth: float = 1.0  # the share of the BatchNorm layers adapted, from the input (the rest keep the model's)
+    finetune: bool = False  # also fine-tune on the site's labelled photos, judged by cross-fitting (melanoma.finetune)
+    recipes: str = "all:1e-4,head:1e-3"  # the fine-tuning recipes cross-fitted: LAYERS:LR, LAYERS all or head
+    finetune_epochs: int = 5  # at most; the out-of-fold AUC after each epoch chooses how many
+    folds: int = 5  # cross-fitting folds (a patient's or lesion's photos in one)
+    replay: float = 0.0  # share of each fine-tuning batch drawn from the training sources' photos (against forgetting)
     registered_model: str = REGISTERED_MODEL
     register: bool = True  # register the site version (alias site-<site>)
     bootstrap: int = 1000
@@ -218,6 +223,18 @@ class AdaptSettings:
             raise SettingsError(f"adabn_depth must be in (0, 1], got {self.adabn_depth}")
         if self.bootstrap < 0 or self.min_melanomas < 1:
             raise SettingsError("bootstrap must not be negative and min_melanomas must be positive")
+        if self.finetune:
+            from melanoma.finetune import parse_recipes
+
+            parse_recipes(self.recipes)
+            if self.bootstrap < 100:
+                raise SettingsError(f"finetune judges its gain by a bootstrap interval: bootstrap must be at least "
+                                    f"100, got {self.bootstrap}")
+        if self.finetune_epochs < 1 or self.folds < 2:
+            raise SettingsError(f"finetune_epochs must be positive and folds at least 2, got {self.finetune_epochs} "
+                                f"and {self.folds}")
+        if not 0 <= self.replay < 1:
+            raise SettingsError(f"replay must be in [0, 1), got {self.replay}")
 
 
 @dataclass

@@ -58,3 +58,17 @@ def rule(name: str) -> str:
 def with_prefix(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     """The metrics under ``prefix``, named without it."""
     return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+FINETUNE = "finetune_"  # fine-tuning on a site's photos, cross-fitted (melanoma adapt --finetune)
+
+
+def finetune_recipe(recipe: str) -> str:
+    """One recipe's out-of-fold AUC after each epoch (logged with step = epoch)."""
+    layers, _, lr = recipe.partition(":")
+    return f"{FINETUNE}oof_auc_{layers}_lr{lr}"
+
+
+def forgetting(source: str) -> str:
+    """A training source's validation photos, before and after a site's fine-tuning."""
+    return f"forgetting_{source}_"

@@ -56,16 +56,30 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
     mlflow.log_metrics(clean, step=step)
 
 
+class ParamConflictError(SettingsError):
+    """Params a run has already logged with other values; ``conflicts`` names each."""
+
+    def __init__(self, conflicts: str):
+        self.conflicts = conflicts
+        super().__init__(f"this run already has other values for its params ({conflicts})")
+
+
 def log_params(params: dict[str, str]) -> None:
     """Log params to the active run. `mlflow run` logs the entry point's parameters first, in
     its own spelling: a param it has already logged is skipped when both spellings mean one
     value, and a real conflict raises naming both (MLflow cannot change a logged value)."""
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    existing = check_params(mlflow.active_run().info.run_id, params)
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
+def check_params(run_id: str, params: dict[str, str]) -> dict[str, str]:
+    """The run's logged params; ``ParamConflictError`` if any of ``params`` has another value there."""
+    existing = MlflowClient().get_run(run_id).data.params
     conflicts = [f"{k}: logged {existing[k]!r}, now {v!r}" for k, v in params.items()
                  if k in existing and not same_value(existing[k], v)]
     if conflicts:
-        raise SettingsError("this run already has other values for its params (" + "; ".join(conflicts) + ")")
-    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        raise ParamConflictError("; ".join(conflicts))
+    return existing
 
 
 def log_threshold(threshold: float, rule: ThresholdRule) -> None:
@@ -130,8 +144,8 @@ def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: Pr
     ensemble is an ``nn.ModuleList`` with one architecture name per member."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     members = {"members": names} if len(names) > 1 else {}
-    settings = {"model": "+".join(names), **members, "preprocess": spec.to_dict(), "threshold": threshold,
-                **rule.record(), "calibration": calibration.to_dict(), **(extra_settings or {})}
+    settings = {**(extra_settings or {}), "model": "+".join(names), **members, "preprocess": spec.to_dict(),
+                "threshold": threshold, **rule.record(), "calibration": calibration.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)

@@ -119,7 +119,7 @@ def test_crossval_trains_a_child_per_source_and_a_final_model(sources):
     assert {"crossval/heldout_auc.png", "crossval/crossval.json"} <= artifacts
     assert client.get_run(parent.info.run_id).data.tags["model_uri"] == summary["model_uri"]
     card = mlflow.artifacts.load_text(f"runs:/{final[0].info.run_id}/model_card.md")
-    assert "The threshold that travels" in card and "| isic |" in card
+    assert "Rule: the threshold that travels" in card and "| isic |" in card
     served = load_logged_model(summary["model_uri"])
     assert served.rule.name == "crossval" and served.threshold == pytest.approx(summary["final_threshold"])
     assert served.rule.validation_sensitivity == pytest.approx(summary["travel_sensitivity"])

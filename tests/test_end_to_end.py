@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.logged import load_logged_model
 from melanoma.config import SearchSettings, TrainConfig
 from melanoma.servers import model_server, ping
@@ -131,7 +132,7 @@ def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_
     assert float(version.tags["value"]) == pytest.approx(parent.data.metrics["best_val_auc"])
     assert best.data.metrics["best_val_auc"] == pytest.approx(parent.data.metrics["best_val_auc"])
     assert parent.data.metrics["trials_complete"] == 2
-    assert parent.data.tags["optuna_study"] == f"melanoma-{base.model}" and "best_lr" in parent.data.params
+    assert parent.data.tags["optuna_study"] == f"melanoma-{base.model}" and "best_lr" in parent.data.metrics
     assert {"search/optimization_history.png", "search/param_importances.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     children = client.search_runs([parent.info.experiment_id],
@@ -167,9 +168,9 @@ def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_
         assert post(url, rows(jpeg))[0] == 200
 
 
-class PruneAfterFirstEpoch(optuna.pruners.BasePruner):
+class PruneAllButTheFirstTrial(optuna.pruners.BasePruner):
     def prune(self, study, trial) -> bool:
-        return True
+        return trial.number > 0
 
 
 def test_pruned_trials_end_killed_and_an_interrupted_search_resumes(tmp_path, monkeypatch):
@@ -187,8 +188,12 @@ def test_pruned_trials_end_killed_and_an_interrupted_search_resumes(tmp_path, mo
     assert summary["complete"] == 2
     assert search.run_search(base, SearchSettings(n_trials=2, storage=storage, study_name="resume"))["complete"] == 2
 
-    monkeypatch.setattr(search, "make_pruner", lambda name: PruneAfterFirstEpoch())
-    summary = search.run_search(TrainConfig(**TINY), SearchSettings(n_trials=3, storage=storage, study_name="resume"))
+    # The study's base settings are its own: resuming it with others is refused, naming them.
+    with pytest.raises(SettingsError, match=r"study 'resume' was searched with other settings \(epochs: logged '1', now '2'\)"):
+        search.run_search(TrainConfig(**TINY), SearchSettings(n_trials=3, storage=storage, study_name="resume"))
+
+    monkeypatch.setattr(search, "make_pruner", lambda name: PruneAllButTheFirstTrial())
+    summary = search.run_search(TrainConfig(**TINY), SearchSettings(n_trials=2, storage=storage, study_name="prune"))
     assert summary["pruned"] == 1
     client = MlflowClient()
     pruned = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.pruned = 'true'")

@@ -15,6 +15,7 @@ import torch
 from melanoma.classifier import engine as engines
 from melanoma.classifier.architectures import ARCHITECTURES
 from melanoma.classifier.calibration import Calibration
+from melanoma.classifier.decision import ThresholdRule
 from melanoma.classifier.engine import OnnxEngine, TorchEngine, checked_engine, export_onnx, probability_difference
 from melanoma.classifier.inference import Scorer, predict_logits
 from melanoma.classifier.models import build_model
@@ -24,6 +25,7 @@ from melanoma.tracking import log_classifier
 
 SPEC = PreprocessSpec(img_size=64, channels=3, color_constancy=False)
 CPU = torch.device("cpu")
+RULE = ThresholdRule.validation(0.9)
 
 
 def images(n: int = 6, seed: int = 0, side: int = 64) -> np.ndarray:
@@ -84,7 +86,7 @@ def test_a_logged_model_serves_its_graph_and_flipped_photos_score_alike():
     _, graph, _ = checked_engine(scorer, images(), CPU)
     photo = jpeg(rng)
     with mlflow.start_run():
-        uri = log_classifier(model, "cnn", SPEC, 0.5, photo, Calibration("temperature", 1.5), graph,
+        uri = log_classifier(model, "cnn", SPEC, 0.5, RULE, photo, Calibration("temperature", 1.5), graph,
                              {"tta": "flip"})
     served = mlflow.pyfunc.load_model(uri)
     assert isinstance(served.unwrap_python_model().model.engine, OnnxEngine)
@@ -93,7 +95,7 @@ def test_a_logged_model_serves_its_graph_and_flipped_photos_score_alike():
     assert probs[0] == pytest.approx(probs[1], abs=1e-6)
     # The same photo through the PyTorch path (a model logged without the graph).
     with mlflow.start_run():
-        old = log_classifier(model, "cnn", SPEC, 0.5, photo, Calibration("temperature", 1.5), None, {"tta": "flip"})
+        old = log_classifier(model, "cnn", SPEC, 0.5, RULE, photo, Calibration("temperature", 1.5), None, {"tta": "flip"})
     legacy = mlflow.pyfunc.load_model(old)
     assert isinstance(legacy.unwrap_python_model().model.engine, TorchEngine)
     assert legacy.predict(rows)["malignant_probability"].to_numpy() == pytest.approx(probs, abs=1e-2)  # bf16 on CPUs with it

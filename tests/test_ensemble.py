@@ -70,7 +70,7 @@ def test_an_ensemble_logs_registers_loads_and_serves_the_averaged_logits(trained
     images, _ = classifier.model.images_from_files([base64.b64decode(frame["image"][0])])
     member_logits = [mlflow.pyfunc.load_model(f"runs:/{m}/model").unwrap_python_model().model.engine.logits(images)
                      for m in members]
-    expected = classifier.calibration.probabilities(torch.stack(member_logits).mean(0))
+    expected = classifier.model.calibration.probabilities(torch.stack(member_logits).mean(0))
     assert out["malignant_probability"][0] == pytest.approx(float(expected[0]), abs=1e-4)
     logged = client.get_run(run.info.run_id)
     assert logged.data.params["lr"] == "0.001,0.003" and logged.data.tags["ensemble_runs"] == ",".join(members)

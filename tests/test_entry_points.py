@@ -37,19 +37,19 @@ def test_every_entry_point_has_an_mlflow_run_test():
 def test_mlflow_run_crossval_holds_out_each_source_and_trains_the_final_model(tmp_path):
     a = make_demo_dataset(tmp_path / "a", per_class=12, seed=1, size=48)
     b = make_demo_dataset(tmp_path / "b", per_class=12, seed=2, size=48)
-    mlflow_run(tmp_path, "crossval", {**TINY, "data": f"a:{a},b:{b}", "final": "true"})
+    mlflow_run(tmp_path, "crossval", {**TINY, "data": f"clinic_a:{a},clinic_b:{b}", "final": "true"})
     found = runs_of("e2e")
     assert len(found) == 4 and all(r.info.status == "FINISHED" for r in found)
     (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     runs = {r.info.run_name: r for r in found if r is not parent}
-    assert set(runs) == {"heldout-a", "heldout-b", "all-sources"}
+    assert set(runs) == {"heldout-clinic_a", "heldout-clinic_b", "all-sources"}
     assert parent.data.params["final"] == "true" and parent.data.params["holdout_source"] == "''"
-    for metric in ("heldout_a_auc", "heldout_b_auc", "crossval_worst_auc", "travel_sensitivity"):
+    for metric in ("heldout_clinic_a_auc", "heldout_clinic_b_auc", "crossval_worst_auc", "travel_sensitivity"):
         assert metric in parent.data.metrics, metric
     final = runs["all-sources"]
     assert final.data.tags["threshold_rule"] == "crossval"
     card = mlflow.artifacts.load_text(f"runs:/{final.info.run_id}/model_card.md")
-    assert "The threshold that travels" in card and "| a |" in card and "| b |" in card
+    assert "Rule: the threshold that travels" in card and "| clinic_a |" in card and "| clinic_b |" in card
 
 
 def test_mlflow_run_ensemble_then_adapt_the_registered_ensemble(tmp_path, demo_root):

@@ -14,6 +14,7 @@ from melanoma.classifier.preprocessing import (
     lesion_box,
     load_for_model,
     model_region,
+    normalization,
     normalize,
     preprocess,
 )
@@ -97,10 +98,26 @@ def test_training_and_serving_share_one_path():
 
 def test_normalize_uses_the_spec_statistics():
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    out = normalize(batch, PreprocessSpec(channels=3))
+    out = normalize(batch, *normalization(PreprocessSpec(channels=3)))
     expected = (1 - torch.tensor(PreprocessSpec().mean)) / torch.tensor(PreprocessSpec().std)
     torch.testing.assert_close(out[0, :, 0, 0], expected)
-    torch.testing.assert_close(normalize(batch.float() / 255, PreprocessSpec()), out)
+    torch.testing.assert_close(normalize(batch.float() / 255, *normalization(PreprocessSpec())), out)
+
+
+def test_training_and_the_scorer_normalise_alike():
+    from melanoma.classifier.inference import Scorer, to_model_input
+
+    spec = PreprocessSpec(channels=3, rgb_mean=(0.2, 0.4, 0.6), rgb_std=(0.1, 0.2, 0.3))
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    seen = []
+
+    class Recorder(torch.nn.Module):  # what the network receives
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(len(x), 2)
+
+    Scorer(Recorder(), spec)(batch)
+    torch.testing.assert_close(seen[0], to_model_input(batch, spec, torch.device("cpu")))
 
 
 def skin_with_lesion(h: int, w: int, centre: tuple[int, int], radius: int, vignette: bool = False) -> np.ndarray:

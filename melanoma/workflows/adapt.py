@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -40,16 +42,19 @@ from melanoma.card import CARD_FILE, CARD_HTML_FILE
 from melanoma.classifier.calibration import fit_calibration
 from melanoma.classifier.decision import ThresholdRule
 from melanoma.classifier.engine import checked_engine
-from melanoma.classifier.inference import Scorer
+from melanoma.classifier.errors import SettingsError
+from melanoma.classifier.inference import Scorer, predict_logits, select_device
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, PreprocessSpec, decode_for_model, preprocess
-from melanoma.config import AdaptSettings, settings_params
+from melanoma.config import AdaptSettings, parse_params, settings_params
 from melanoma.data.dataset import prepare_dataset
 from melanoma.data.layout import read_file
 from melanoma.data.metadata import IMAGE_EXTENSIONS
 from melanoma.data.records import DataError, Source, missing_classes
+from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import sets_figure
+from melanoma.finetune import finetune_for_site, parse_recipes
 from melanoma.reporting import log_set, set_figures
 
 log = logging.getLogger(__name__)
@@ -181,16 +186,105 @@ def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint
     return "\n".join(lines)
 
 
+def site_finetuning(settings: AdaptSettings, network: nn.Module, spec: PreprocessSpec, site, device: torch.device):
+    """Cross-fit the fine-tuning recipes on the site's photos, log what they gave, and fine-tune
+    on all of them when the gain is clearly positive (``melanoma.finetune``)."""
+    start = time.perf_counter()
+    replay = training_photos(settings.model, spec, "fit") if settings.replay else None
+    if settings.replay and replay is None:
+        raise SettingsError(f"replay needs the training photos of {settings.model}, which cannot be loaded here")
+    tuning = finetune_for_site(network, spec, np.asarray(site.images), site.labels, np.asarray(site.groups),
+                               parse_recipes(settings.recipes), settings.finetune_epochs, settings.folds, device,
+                               settings.seed, settings.bootstrap, replay and replay[:2], settings.replay)
+    for (recipe, epoch), _ in tuning.crossfit.tuned.items():
+        mlflow.log_metric(names.finetune_recipe(recipe), tuning.crossfit.auc((recipe, epoch)), step=epoch)
+    low, high = tuning.gain_interval
+    mlflow.log_metrics({f"{names.FINETUNE}auc_before": tuning.auc_before, f"{names.FINETUNE}auc_after": tuning.auc_after,
+                        f"{names.FINETUNE}auc_gain": tuning.gain, f"{names.FINETUNE}auc_gain_ci_low": low,
+                        f"{names.FINETUNE}auc_gain_ci_high": high, f"{names.FINETUNE}epochs": tuning.epochs,
+                        f"{names.FINETUNE}accepted": float(tuning.accepted),
+                        f"{names.FINETUNE}minutes": (time.perf_counter() - start) / 60})
+    mlflow.set_tags({"finetune_recipe": str(tuning.recipe), "finetuned": str(tuning.accepted).lower()})
+    if not tuning.accepted:
+        log.warning("fine-tuning is not clearly better on the site (cross-fitted AUC gain %.3f, 95 %% interval "
+                    "%.3f to %.3f): the site version keeps the model's weights", tuning.gain, low, high)
+    return tuning
+
+
+def training_photos(model_uri: str, spec: PreprocessSpec, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The images, labels and sources of the ``split`` ("fit" or "val") of the training run behind
+    ``model_uri``; None (with the reason logged) where its data cannot be loaded here."""
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    run = mlflow.get_run(run_id) if run_id else None
+    if run is None or "data_location" not in run.data.params or "ensemble_runs" in run.data.tags:
+        log.warning("%s was not logged by a training run: its training photos are not known here", model_uri)
+        return None
+    try:
+        cfg = parse_params({**run.data.params, "data": run.data.params["data_location"]})
+        data = load_data(cfg, spec)
+    except (SettingsError, DataError, FileNotFoundError) as exc:
+        log.warning("the training data of %s cannot be loaded here (%s)", model_uri, exc)
+        return None
+    idx = data.fit_idx if split == "fit" else data.val_idx
+    return np.asarray(data.data.images[idx]), data.data.labels[idx], np.asarray(data.data.sources[idx]).astype(str)
+
+
+def measure_forgetting(model_uri: str, before: nn.Module, after: nn.Module, spec: PreprocessSpec,
+                       device: torch.device) -> dict[str, dict[str, float]]:
+    """AUC of the base and the fine-tuned model on each training source's validation photos (what
+    fine-tuning may have cost where the model came from), logged; {} where they cannot be loaded."""
+    photos = training_photos(model_uri, spec, "val")
+    if photos is None:
+        return {}
+    images, labels, sources = photos
+    probs = {name: torch.softmax(predict_logits(Scorer(net, spec).to(device), images, None, device), 1)[:, 1].numpy()
+             for name, net in (("base", before), ("site", after))}
+    table = {}
+    for source in sorted(set(sources)):
+        part = sources == source
+        if len(set(labels[part])) == 2:
+            table[source] = {name: float(roc_auc_score(labels[part], p[part])) for name, p in probs.items()}
+            mlflow.log_metrics({f"{names.forgetting(source)}auc_{name}": v for name, v in table[source].items()})
+    return table
+
+
+def finetune_section(settings: AdaptSettings, tuning, forgetting: dict[str, dict[str, float]], photos: int) -> str:
+    """The card's lines on fine-tuning: what was tried, what it gave, what it cost."""
+    low, high = tuning.gain_interval
+    replayed = f", {settings.replay:.0%} of each batch from the training sources' photos" if settings.replay else ""
+    lines = ["### Fine-tuning on the site's photos", "",
+             f"Cross-fitted on the site's {photos} labelled photos ({settings.folds} folds, a patient's or lesion's "
+             f"photos in one; recipes {settings.recipes}, up to {settings.finetune_epochs} epochs, flips, "
+             f"class-weighted loss{replayed}). "
+             f"Chosen: `{tuning.recipe}` for {tuning.epochs} epochs. Out-of-fold AUC on the site: "
+             f"{tuning.auc_before:.3f} before, {tuning.auc_after:.3f} after (gain {tuning.gain:+.3f}, 95 % "
+             f"{low:+.3f} to {high:+.3f}; the recipe was chosen on these scores, so the gain is slightly "
+             "optimistic).", ""]
+    if not tuning.accepted:
+        return "\n".join(lines + ["**Not fine-tuned**: the gain's interval reaches zero, so this version keeps the "
+                                  "model's weights and adapts its threshold alone.", ""])
+    lines += [f"This version was fine-tuned on all {photos} photos with that recipe; its calibration and threshold "
+              "come from the out-of-fold scores.", ""]
+    if forgetting:
+        lines += ["| training source (validation photos) | AUC before | AUC after |", "|---|---|---|",
+                  *[f"| {s} | {v['base']:.3f} | {v['site']:.3f} |" for s, v in forgetting.items()], ""]
+    else:
+        lines += ["What fine-tuning cost on the training sources was not measured: their photos are not available "
+                  "here.", ""]
+    return "\n".join(lines)
+
+
 def run_adaptation(settings: AdaptSettings) -> dict:
     """Adapt ``settings.model`` to a site inside the active MLflow run; returns the summary."""
     settings.validate()
     base = load_logged_model(settings.model)  # this process's own copy
-    spec, device = base.spec, torch.device("cpu")
+    spec = base.spec
     site = prepare_dataset(settings.data, spec, require_train=False)
     tracking.tag_experiment()
     mlflow.set_tags({"adaptation": "true", "site": settings.site, "model_uri": settings.model})
     tracking.log_params(settings_params(settings))
-    model = base.network.cpu().float()
+    device = select_device()  # fine-tuning and its cross-fitting run on a GPU where there is one
+    model = base.network.to(device).float()
     adabn_layers = 0
     if settings.adabn:
         unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
@@ -203,7 +297,19 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     local = log_set("site", names.SITE, labels, logits, base.calibration, base.threshold, groups,
                     settings.bootstrap, settings.seed)
     calibration = base.calibration
-    if settings.recalibrate:
+    tuning, forgetting = None, {}
+    if settings.finetune:
+        tuning = site_finetuning(settings, model, spec, site, device)
+        if tuning.accepted:
+            forgetting = measure_forgetting(settings.model, model, tuning.network, spec, device)
+            model = tuning.network
+            engine, graph, _ = checked_engine(Scorer(model, spec, base.tta), np.asarray(site.images[:256]), device)
+            # The site model's calibration and threshold come from scores of photos the scoring
+            # model never trained on: the cross-fitted ones of the chosen recipe.
+            logits = tuning.oof_logits
+            calibration = fit_calibration(calibration.method if calibration.method != "none" else "temperature",
+                                          logits, labels)
+    if settings.recalibrate and not (tuning and tuning.accepted):
         if missing_classes(labels):
             raise DataError(f"the site's photos have no {missing_classes(labels)[0]} images: calibration cannot "
                             "be refitted on them")
@@ -238,12 +344,17 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     tracking.log_threshold(chosen, rule)
 
     section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels))
+    if tuning is not None:
+        section += "\n" + finetune_section(settings, tuning, forgetting, len(labels))
     site_settings = {**{k: v for k, v in base.settings.items() if k not in ("threshold", "calibration")},
                      "site": {"name": settings.site, "adapted_from": settings.model, "date": datetime.date.today().isoformat(),
                               "photos": int(len(labels)), "threshold_reason": reason, "adabn": settings.adabn,
-                              "adabn_depth": settings.adabn_depth}}
+                              "adabn_depth": settings.adabn_depth,
+                              "finetuned": None if tuning is None or not tuning.accepted else {
+                                  "recipe": str(tuning.recipe), "epochs": tuning.epochs, "folds": settings.folds,
+                                  "replay": settings.replay, "crossfit_auc_gain": tuning.gain}}}
     example_bytes = read_file(site.source, site.paths[0])
-    model_uri = tracking.log_classifier(model, base.names, spec, chosen, rule, example_bytes, calibration, graph,
+    model_uri = tracking.log_classifier(model.cpu(), base.names, spec, chosen, rule, example_bytes, calibration, graph,
                                         site_settings)
     mlflow.set_tag("site_model_uri", model_uri)
     card_text = (trained_card(settings.model) + "\n\n" + section).strip()
@@ -251,6 +362,10 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     mlflow.log_text(markdown.markdown(card_text, extensions=["tables"]), CARD_HTML_FILE)
     summary = {"site": settings.site, "threshold": chosen, "threshold_reason": reason, "model_uri": model_uri,
                **{f"site_{k}": v for k, v in local.items() if k in ("auc", "sensitivity", "specificity", "count")}}
+    if tuning is not None:
+        summary.update({"finetuned": tuning.accepted, "finetune_recipe": str(tuning.recipe),
+                        "finetune_epochs": tuning.epochs, "crossfit_auc_before": tuning.auc_before,
+                        "crossfit_auc_after": tuning.auc_after, "crossfit_auc_gain_ci": list(tuning.gain_interval)})
     if settings.register:
         summary["registered"] = register_site_version(settings, model_uri, card_text)
     return summary

@@ -76,6 +76,14 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)  # steps are epochs from 1
 
 
+class NoCompleteTrialError(SettingsError):
+    """Every trial of the study was pruned or failed: there is no best model."""
+
+
+# The search's settings that belong to one invocation rather than to the study.
+INVOCATION_SETTINGS = ("storage", "n_trials", "timeout", "heartbeat", "continue_on_trial_error")
+
+
 def make_objective(base: TrainConfig, parent_run_id: str, study_name: str, params: list[str], objective_name: str):
     def objective(trial: optuna.Trial) -> float:
         cfg = dataclasses.replace(base, **{name: SEARCH_SPACE[name](trial) for name in params})
@@ -231,15 +239,24 @@ def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -
                               sampler=optuna.samplers.TPESampler(seed=base.seed + worker, constant_liar=True))
     log.info("study %s: %d of %d trials finished", study_name, finished(trial_counts(study)), n_trials)
 
-    with mlflow.start_run(run_id=parent_run_for(study), run_name=f"search-{study_name}") as parent:
+    # The settings as `mlflow run` logs them, less those of this invocation alone (a resumed search
+    # may ask for more trials): tags, which can change; the storage URL's password masked.
+    invocation = {**settings_params(settings), "storage": safe_url(storage_url)}
+    invocation_tags = {f"search_{k}": invocation.pop(k) for k in INVOCATION_SETTINGS}
+    params = {**settings_params(base), **invocation}
+    resumed = parent_run_for(study)
+    if resumed:
+        try:
+            tracking.check_params(resumed, params)
+        except tracking.ParamConflictError as exc:
+            raise SettingsError(f"study {study_name!r} was searched with other settings ({exc.conflicts}): search "
+                                "with the same settings, or give another --study_name") from None
+    with mlflow.start_run(run_id=resumed, run_name=f"search-{study_name}") as parent:
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         tracking.tag_experiment()
         mlflow.set_tags({"optuna_study": study_name, "search": "true", "n_trials_requested": n_trials,
-                         "synthetic_data": str(base.data == "demo").lower()})
-        mlflow.set_tag("optuna_storage", safe_url(storage_url))
-        # The settings as `mlflow run` logs them, less the storage URL (it may hold a password).
-        tracking.log_params({k: v for k, v in {**settings_params(base), **settings_params(settings)}.items()
-                             if k != "storage"})
+                         "synthetic_data": str(base.data == "demo").lower(), **invocation_tags})
+        tracking.log_params(params)
         objective = make_objective(base, parent.info.run_id, study_name, searched, settings.objective)
         deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
         while time.monotonic() < deadline:
@@ -250,6 +267,9 @@ def run_search(base: TrainConfig, settings: SearchSettings = SearchSettings()) -
                 time.sleep(min(heartbeat, 5))  # the others' trials: wait for them to end (or go stale)
                 continue
             run_trial(study, storage, trial, objective, settings.continue_on_trial_error)
+        if not trial_counts(study)[TrialState.COMPLETE]:
+            raise NoCompleteTrialError(f"study {study_name!r} has no complete trial ({dict(trial_counts(study))}): "
+                                       "nothing to register; search more trials, or prune less")
         summary = log_study(study, settings.objective)
         version = register_once(study, storage_url, settings.registered_model, settings.alias, settings.objective)
         mlflow.set_tags({"registered_model": settings.registered_model, "registered_version": version})
