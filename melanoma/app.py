@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from melanoma.classifier.pyfunc import file_problem
+from melanoma.classifier.pyfunc import OUT_OF_SCOPE, SCOPE_ABSENT, file_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ class TriedModel:
         return (f"Malignant probability {probability:.1%}: {side} the operating threshold "
                 f"{self.threshold:.1%}, the threshold {self.rule.in_words()}. Label: {label}.")
 
+    @staticmethod
+    def scope_in_words(check: str) -> str:
+        """What the in-scope check says of the photo, for a person."""
+        if check == OUT_OF_SCOPE:
+            return ("This does not look like a dermoscopy photo like the ones the model was trained on: its answer "
+                    "and every figure on the model card do not apply to it. Take a dermoscopy photo of one lesion.")
+        if check == SCOPE_ABSENT:
+            return "This model has no in-scope check: it cannot tell whether a photo is one it was made for."
+        return "In scope: a dermoscopy photo like the model's training photos."
+
     def score(self, image: bytes) -> dict:
         """The served model's answer for one image file, with the overlay; ValueError names what
         is wrong with a file it cannot score."""
@@ -61,7 +71,9 @@ class TriedModel:
             raise ValueError(file_problem(exc)) from exc
         probability = float(row["malignant_probability"])
         return {"malignant_probability": probability, "label": row["label"], "threshold": self.threshold,
-                "in_words": self.decision_in_words(probability, row["label"]), "overlay_png": row["gradcam_png"]}
+                "in_words": self.decision_in_words(probability, row["label"]), "overlay_png": row["gradcam_png"],
+                "in_scope": None if row["in_scope"] is None else bool(row["in_scope"]), "scope_check": row["scope_check"],
+                "scope_in_words": self.scope_in_words(row["scope_check"])}
 
 
 def model_card_html(model_uri: str) -> str:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from melanoma.classifier.pyfunc import file_problem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-COLUMNS = ["path", "malignant_probability", "benign_probability", "label", "error"]
+COLUMNS = ["path", "malignant_probability", "benign_probability", "label", "in_scope", "scope_score", "scope_check",
+           "error"]
 
 
 def image_paths(inputs: Iterable[Path]) -> Iterator[Path]:

@@ -15,6 +15,7 @@ from melanoma import metric_names as names
 from melanoma.classifier.decision import CLASSES, ThresholdRule
 from melanoma.classifier.errors import SettingsError
 from melanoma.config import unquote
+from melanoma.data.out_of_scope import GENERATED_KINDS
 from melanoma.evaluate import external_names
 from melanoma.intervals import INTERVAL_METRICS
 from melanoma.metric_names import with_prefix
@@ -180,6 +181,7 @@ def card_markdown(run, evaluations: list) -> str:
         *[f"| {name} | {v['ece_uncalibrated']:.3f} | {v['ece']:.3f} | {v['brier_uncalibrated']:.3f} | "
           f"{v['brier']:.3f} |" for name, v in sets.items() if "ece" in v],
         "",
+        *scope_section(p, m),
         "## Explanations",
         "Grad-CAM for the predicted class on examples of both classes (artifacts `gradcam/`); the served "
         "model returns an overlay per image with `\"params\": {\"explain\": true}`.",
@@ -205,6 +207,28 @@ def card_markdown(run, evaluations: list) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str]:
+    """What the in-scope check does and what it was measured to catch."""
+    if "scope_threshold" not in metrics:
+        return ["## In scope", "No in-scope check (a model logged before the check existed, or an ensemble): it "
+                "cannot tell a dermoscopy photo from anything else, and answers for any picture.", ""]
+    share = metrics.get("scope_in_scope_share_target", float("nan"))
+    sets = {"validation": "val", **{f"held-out source {s}": s for s in listed(params.get("holdout_source"))},
+            "test": "test"}
+    kept = [f"{name} {metrics[f'{names.scope(key)}in_scope']:.1%}" for name, key in sets.items()
+            if f"{names.scope(key)}in_scope" in metrics]
+    caught = [f"{kind} {metrics[key]:.0%}" for kind in GENERATED_KINDS
+              if (key := f"{names.scope('generated_' + kind.replace(' ', '_'))}caught") in metrics]
+    return ["## In scope",
+            "Every answer says whether the photo is one the model is made for: a photo whose penultimate features lie "
+            f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
+            f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
+            "out of scope.", "",
+            "- Photos in scope: " + (", ".join(kept) or "-") + ".",
+            "- Generated pictures caught: " + (", ".join(caught) or "-") + ".",
+            "- Measured on real non-dermoscopic skin photos and everyday photos: docs/results.md.", ""]
 
 
 def limitations(params: dict[str, str], metrics: dict[str, float], sets: dict[str, dict[str, float]]) -> list[str]:

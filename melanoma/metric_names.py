@@ -72,3 +72,8 @@ def finetune_recipe(recipe: str) -> str:
 def forgetting(source: str) -> str:
     """A training source's validation photos, before and after a site's fine-tuning."""
     return f"forgetting_{source}_"
+
+
+def scope(name: str) -> str:
+    """The in-scope check on one set of photos (``val``, a held-out source, ``generated_noise``...)."""
+    return f"scope_{name}_"

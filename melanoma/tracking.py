@@ -24,6 +24,7 @@ from melanoma.classifier.engine import ONNX_FILE
 from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.logged import SETTINGS_FILE, WEIGHTS_FILE
 from melanoma.classifier.preprocessing import PreprocessSpec
+from melanoma.classifier.scope import SCOPE_FILE, ScopeModel
 from melanoma.config import DEFAULT_ALIAS, REGISTERED_MODEL, same_value
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def serving_code(folder: Path) -> Path:
 
 def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: PreprocessSpec, threshold: float,
                    rule: ThresholdRule, example_image: bytes, calibration: Calibration = Calibration(),
-                   onnx_graph: bytes | None = None, extra_settings: dict | None = None) -> str:
+                   onnx_graph: bytes | None = None, extra_settings: dict | None = None,
+                   scope: ScopeModel | None = None) -> str:
     """Log the trained network as a self-contained pyfunc (models-from-code, the serving code
     bundled), with its checked ONNX graph where there is one; returns the model URI. An
     ensemble is an ``nn.ModuleList`` with one architecture name per member."""
@@ -154,15 +156,19 @@ def log_classifier(model: torch.nn.Module, model_name: str | list[str], spec: Pr
         if onnx_graph is not None:
             (Path(tmp) / ONNX_FILE).write_bytes(onnx_graph)
             artifacts["onnx"] = str(Path(tmp) / ONNX_FILE)
+        if scope is not None:
+            torch.save(scope.state(), Path(tmp) / SCOPE_FILE)
+            artifacts["scope"] = str(Path(tmp) / SCOPE_FILE)
         example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
         output_example = pd.DataFrame({"malignant_probability": [0.5], "benign_probability": [0.5],
-                                       "label": ["benign"]})
+                                       "label": ["benign"], "in_scope": [True], "scope_score": [1.0],
+                                       "scope_check": ["in scope"]})
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / SERVED_PACKAGE / "pyfunc_model.py"),
             artifacts=artifacts,
             code_paths=[str(serving_code(Path(tmp) / "code"))],
-            signature=infer_signature(example, output_example, params={"explain": False}),
+            signature=infer_signature(example, output_example, params={"explain": False, "label_out_of_scope": False}),
             input_example=example,
             pip_requirements=pip_requirements(names),
         )

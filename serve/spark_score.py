@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-RESULT_TYPE = "malignant_probability double, benign_probability double, label string"
+RESULT_TYPE = ("malignant_probability double, benign_probability double, label string, in_scope boolean, "
+               "scope_score double, scope_check string")
 
 
 def score_images(spark, model_uri: str, images: str, batch_rows: int = 64):

@@ -43,9 +43,9 @@ def test_a_folder_is_scored_row_by_row_with_errors_in_their_rows(trained_runs, m
     assert set(rows) == {str(p) for p in image_paths([photos])} and len(rows) == 6
     assert "not a recognised image" in rows[str(photos / "broken.jpg")]["error"]
     assert "needs at least 32x32" in rows[str(photos / "tiny.png")]["error"]
-    good = rows[str(photos / "lesion_0.jpg")]
-    assert good["error"] == ""
-    assert good["label"] == ("malignant" if float(good["malignant_probability"]) >= threshold else "benign")
+    good = rows[str(photos / "lesion_0.jpg")]  # noise: scored, and out of scope
+    assert good["error"] == "" and good["scope_check"] == "out of scope" and good["label"] == "out of scope"
+    assert float(good["scope_score"]) > 0 and threshold > 0
     assert float(good["malignant_probability"]) + float(good["benign_probability"]) == pytest.approx(1)
 
 

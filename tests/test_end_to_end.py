@@ -147,10 +147,13 @@ def test_mlflow_run_search_registers_the_best_trial_and_the_server_answers_real_
         png = base64.b64encode(cv2.imencode(".png", image)[1].tobytes()).decode()
         status, body = post(url, rows(jpeg, png))
         assert status == 200
-        for row in body["predictions"]:
+        for row in body["predictions"]:  # noise: scored, and no dermoscopy photo
             assert 0 <= row["malignant_probability"] <= 1
             assert row["malignant_probability"] + row["benign_probability"] == pytest.approx(1)
-            threshold = load_logged_model("models:/melanoma-classifier@champion").threshold
+            assert row["scope_check"] == "out of scope" and row["in_scope"] is False and row["label"] == "out of scope"
+        status, body = post(url, {**rows(jpeg, png), "params": {"label_out_of_scope": True}})
+        threshold = load_logged_model("models:/melanoma-classifier@champion").threshold
+        for row in body["predictions"]:  # the class label all the same, when the request asks for it
             assert row["label"] == ("malignant" if row["malignant_probability"] >= threshold else "benign")
 
         status, body = post(url, {**rows(jpeg), "params": {"explain": True}})

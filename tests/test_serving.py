@@ -47,7 +47,9 @@ def test_predicts_one_row_per_image_for_every_format(classifier):
     files = [encoded(".jpg"), encoded(".png"), encoded(".bmp"), encoded(".png", (40, 40)),
              encoded(".png", (40, 60, 4)), encoded(".jpg", (900, 1200, 3))]
     out = classifier.predict(None, pd.DataFrame({"image": [b64(f) for f in files]}))
-    assert list(out.columns) == ["malignant_probability", "benign_probability", "label"]
+    assert list(out.columns) == ["malignant_probability", "benign_probability", "label", "in_scope", "scope_score",
+                                 "scope_check"]
+    assert (out.scope_check == "absent").all()  # this model was saved without an in-scope check
     assert len(out) == len(files)
     assert out.malignant_probability.between(0, 1).all()
     np.testing.assert_allclose(out.malignant_probability + out.benign_probability, 1.0)

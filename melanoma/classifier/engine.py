@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.onnx.errors import OnnxExporterError
 
-from melanoma.classifier.inference import TTA_VIEWS, Scorer, predict_logits
+from melanoma.classifier.inference import TTA_VIEWS, Scorer, predict_outputs
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ class TorchEngine:
     def __init__(self, scorer: Scorer, device: torch.device):
         self.scorer, self.device = scorer.to(device).eval(), device
 
+    def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (N, 2) of uint8 images (N, C, H, W), and their scope scores (None without)."""
+        return predict_outputs(self.scorer, images, None, self.device, batch_size=BATCH_IMAGES)
+
     def logits(self, images: np.ndarray) -> torch.Tensor:
-        """Logits (N, 2) of uint8 images (N, C, H, W)."""
-        return predict_logits(self.scorer, images, None, self.device, batch_size=BATCH_IMAGES)
+        return self.outputs(images)[0]
 
 
 class OnnxEngine:
@@ -59,11 +62,17 @@ class OnnxEngine:
         self.session = ort.InferenceSession(model, options, providers=providers)
         self.batch = max(1, BATCH_IMAGES // views)
 
-    def logits(self, images: np.ndarray) -> torch.Tensor:
-        """Logits (N, 2) of uint8 images (N, C, H, W)."""
-        out = [self.session.run(None, {"images": np.ascontiguousarray(images[start:start + self.batch])})[0]
+    def outputs(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (N, 2) of uint8 images (N, C, H, W), and their scope scores (None without)."""
+        out = [self.session.run(None, {"images": np.ascontiguousarray(images[start:start + self.batch])})
                for start in range(0, len(images), self.batch)]
-        return torch.from_numpy(np.concatenate(out)) if out else torch.empty(0, 2)
+        if not out:
+            return torch.empty(0, 2), None
+        logits = torch.from_numpy(np.concatenate([o[0] for o in out]))
+        return logits, (torch.from_numpy(np.concatenate([o[1] for o in out])) if len(out[0]) > 1 else None)
+
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        return self.outputs(images)[0]
 
 
 def onnx_usable(device: torch.device) -> bool:
@@ -81,7 +90,8 @@ def cpu_copy(scorer: Scorer) -> Scorer:
 
 
 def export_onnx(scorer: Scorer, channels: int, img_size: int) -> bytes:
-    """The scorer as an ONNX graph: uint8 ``images`` (batch, C, H, W) in, ``logits`` (batch, 2) out."""
+    """The scorer as an ONNX graph: uint8 ``images`` (batch, C, H, W) in, ``logits`` (batch, 2) out,
+    and ``scope`` (batch,) where the scorer has a scope model."""
     scorer = cpu_copy(scorer)
     example = torch.zeros(2, channels, img_size, img_size, dtype=torch.uint8)
     buffer = io.BytesIO()
@@ -89,19 +99,28 @@ def export_onnx(scorer: Scorer, channels: int, img_size: int) -> bytes:
         warnings.simplefilter("ignore")
         # The TorchScript exporter: 1 s for EfficientNet-Lite0 against 9 s for the dynamo one
         # (measured here), the same graph for this network.
-        torch.onnx.export(scorer, (example,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET)
+        outputs = ["logits"] + (["scope"] if scorer.scope is not None else [])
+        torch.onnx.export(scorer, (example,), buffer, dynamo=False, input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+                          opset_version=OPSET)
     return buffer.getvalue()
 
 
 def probability_difference(scorer: Scorer, engine: OnnxEngine, images: np.ndarray) -> float:
-    """The largest malignant-probability difference between ``engine`` and the scorer in fp32."""
+    """The largest difference between ``engine`` and the scorer in fp32: in malignant probability,
+    and (with a scope model) in scope score relative to its size."""
     reference_scorer = cpu_copy(scorer)
     with torch.inference_mode():
-        reference = torch.cat([reference_scorer(torch.from_numpy(np.ascontiguousarray(
-            images[start:start + BATCH_IMAGES]))) for start in range(0, len(images), BATCH_IMAGES)])
-    ours = engine.logits(images)
-    return float((torch.softmax(ours.float(), 1)[:, 1] - torch.softmax(reference, 1)[:, 1]).abs().max())
+        batches = [reference_scorer(torch.from_numpy(np.ascontiguousarray(images[start:start + BATCH_IMAGES])))
+                   for start in range(0, len(images), BATCH_IMAGES)]
+    scoped = scorer.scope is not None
+    reference = torch.cat([b[0] if scoped else b for b in batches])
+    logits, scores = engine.outputs(images)
+    difference = float((torch.softmax(logits.float(), 1)[:, 1] - torch.softmax(reference, 1)[:, 1]).abs().max())
+    if scoped:
+        expected = torch.cat([b[1] for b in batches])
+        difference = max(difference, float(((scores - expected).abs() / expected.abs().clamp_min(1.0)).max()))
+    return difference
 
 
 def runtime_errors() -> tuple[type[Exception], ...]:

@@ -14,6 +14,7 @@ from torch import nn
 from melanoma.classifier.calibration import Calibration
 from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.preprocessing import PreprocessSpec, normalization, normalize
+from melanoma.classifier.scope import ScopeModel, logits_and_features
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -71,46 +72,80 @@ def test_time_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
 class Scorer(nn.Module):
     """What the served model computes: uint8 images (N, C, H, W) -> logits (N, 2), normalised
     inside, averaged over test-time views and over ensemble members. The views of a batch go
-    through each network as one batch."""
+    through each network as one batch. With a ``scope`` model (one network only) it returns the
+    logits and the scope score of each photo's own view (``melanoma.classifier.scope``)."""
 
-    def __init__(self, members: nn.Module | list[nn.Module], spec: PreprocessSpec, tta: str = "none"):
+    def __init__(self, members: nn.Module | list[nn.Module], spec: PreprocessSpec, tta: str = "none",
+                 scope: ScopeModel | None = None):
         """``members``: one network, or an ensemble's (a list or ``nn.ModuleList``)."""
         super().__init__()
         if tta not in TTA_VIEWS:
             raise SettingsError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.members = nn.ModuleList(members if isinstance(members, (list, tuple, nn.ModuleList)) else [members])
-        self.tta = tta
+        if scope is not None and len(self.members) > 1:
+            raise SettingsError("an in-scope check belongs to one network; an ensemble's members each have their own")
+        self.tta, self.scope = tta, scope
         mean, std = normalization(spec)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = normalize(images, self.mean, self.std)
         views = test_time_views(x, self.tta)
         x = torch.cat(views).contiguous(memory_format=torch.channels_last)
-        logits = torch.stack([member(x).float() for member in self.members]).mean(0)
-        return logits.view(len(views), -1, logits.shape[-1]).mean(0)
+        if self.scope is None:
+            logits = torch.stack([member(x).float() for member in self.members]).mean(0)
+            return logits.view(len(views), -1, logits.shape[-1]).mean(0)
+        logits, features = logits_and_features(self.members[0], x)
+        score = self.scope(features[:images.shape[0]])  # the photo's own view
+        return logits.float().view(len(views), -1, logits.shape[-1]).mean(0), score
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec | None,
-                   device: torch.device, batch_size: int = 128, tta: str = "none") -> torch.Tensor:
+def predict_outputs(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec | None,
+                    device: torch.device, batch_size: int = 128,
+                    tta: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, 2) for uint8 images (N, C, H, W), in eval mode, averaged over the ``tta``
-    views; a ``Scorer`` is used as it is (``spec`` and ``tta`` unused). The model's mode is
-    restored."""
+    views, and the scope scores (N,) where the scorer has a scope model (else None); a
+    ``Scorer`` is used as it is (``spec`` and ``tta`` unused). The model's mode is restored."""
     scorer = model if isinstance(model, Scorer) else Scorer(model, spec, tta).to(device)
     was_training = model.training
     if was_training:  # train()/eval() walk every module: skip it when the mode is already right
         scorer.eval()
-    out = []
+    logits, scores = [], []
     batch_size = max(1, batch_size // TTA_VIEWS[scorer.tta])
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(np.array(images[start:start + batch_size]))  # a copy: the cache is read-only
         with autocast(device):
-            out.append(scorer(batch.to(device, non_blocking=True)).float().cpu())
+            result = scorer(batch.to(device, non_blocking=True))
+        if isinstance(result, tuple):
+            result, score = result
+            scores.append(score.float().cpu())
+        logits.append(result.float().cpu())
     if was_training:
         model.train()
-    return torch.cat(out) if out else torch.empty(0, 2)
+    return (torch.cat(logits) if logits else torch.empty(0, 2)), (torch.cat(scores) if scores else None)
+
+
+@torch.inference_mode()
+def penultimate_features(network: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device,
+                         batch_size: int = 128) -> np.ndarray:
+    """The network's penultimate features (N, D) of uint8 images, in eval mode (fp32)."""
+    was_training = network.training
+    network.eval()
+    mean, std = normalization(spec, device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(torch.as_tensor(np.array(images[start:start + batch_size])).to(device), mean, std)
+        out.append(logits_and_features(network, x.contiguous(memory_format=torch.channels_last))[1].float().cpu())
+    network.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec | None,
+                   device: torch.device, batch_size: int = 128, tta: str = "none") -> torch.Tensor:
+    """Logits (N, 2) for uint8 images (N, C, H, W): ``predict_outputs`` without the scope."""
+    return predict_outputs(model, images, spec, device, batch_size, tta)[0]
 
 
 def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec, device: torch.device,

@@ -34,6 +34,7 @@ from melanoma.classifier.preprocessing import (
     model_region,
     preprocess,
 )
+from melanoma.classifier.scope import ScopeModel
 
 SETTINGS_FILE = "settings.json"
 WEIGHTS_FILE = "weights.pt"
@@ -66,7 +67,7 @@ class LoggedModel:
     """A logged model, loaded: what it computes and how it decides."""
 
     def __init__(self, settings: dict, network: torch.nn.Module, onnx_graph: Path | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, scope: ScopeModel | None = None):
         self.settings = settings
         self.spec = PreprocessSpec.from_dict(settings["preprocess"])
         self.threshold = float(settings["threshold"])  # on the calibrated scale
@@ -75,6 +76,7 @@ class LoggedModel:
         self.tta = settings.get("tta", "none")
         self.names = network_names(settings)
         self.onnx_graph = onnx_graph  # models logged before the ONNX graph have none
+        self.scope = scope  # models logged before the in-scope check (and ensembles) have none
         self.device = device or select_device()
         self.network = network.to(self.device).to(memory_format=torch.channels_last).eval()
         self.members = list(network) if isinstance(network, torch.nn.ModuleList) else [network]
@@ -84,16 +86,19 @@ class LoggedModel:
 
     @classmethod
     def from_files(cls, weights: Path, settings: Path, onnx_graph: Path | None = None,
-                   device: torch.device | None = None) -> LoggedModel:
-        """The model from its logged artifacts (the pyfunc's ``weights``, ``settings`` and ``onnx``)."""
+                   device: torch.device | None = None, scope: Path | None = None) -> LoggedModel:
+        """The model from its logged artifacts (the pyfunc's ``weights``, ``settings``, ``onnx``
+        and ``scope``)."""
         values = json.loads(Path(settings).read_text())
         network = build_network(values, PreprocessSpec.from_dict(values["preprocess"]).channels)
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return cls(values, network, onnx_graph and Path(onnx_graph), device)
+        scope_model = ScopeModel.from_state(torch.load(scope, weights_only=True)) if scope else None
+        return cls(values, network, onnx_graph and Path(onnx_graph), device, scope_model)
 
-    def scorer(self, tta: str | None = None) -> Scorer:
-        """What the model computes (uint8 images in, logits out), with its own or other views."""
-        return Scorer(self.network, self.spec, self.tta if tta is None else tta)
+    def scorer(self, tta: str | None = None, scope: bool = True) -> Scorer:
+        """What the model computes (uint8 images in, logits and scope scores out), with its own or
+        other views; ``scope=False``: logits alone."""
+        return Scorer(self.network, self.spec, self.tta if tta is None else tta, self.scope if scope else None)
 
     def torch_engine(self, tta: str | None = None) -> TorchEngine:
         return TorchEngine(self.scorer(tta), self.device)
@@ -120,6 +125,16 @@ class LoggedModel:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated malignant probabilities of model inputs."""
         return self.calibration.probabilities(self.logits(images))
+
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated malignant probabilities and scope scores (None without a scope model), from
+        one pass."""
+        logits, scores = self.engine.outputs(images)
+        return self.calibration.probabilities(logits), (None if scores is None else scores.numpy())
+
+    def in_scope(self, scores: np.ndarray) -> np.ndarray:
+        """Whether each scope score is within the model's threshold."""
+        return np.asarray(scores) <= self.scope.threshold
 
     def labels(self, probabilities: np.ndarray) -> list[str]:
         """The served label of each probability, at the model's threshold."""

@@ -159,8 +159,11 @@ def decode_unlabelled(folder: str | Path, spec: PreprocessSpec) -> np.ndarray:
 
 
 def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint | None, chosen: float,
-                 reason: str, calibration_refitted: bool, adabn_layers: int, photos: int) -> str:
+                 reason: str, calibration_refitted: bool, adabn_layers: int, photos: int, scoped: bool) -> str:
     """The model card's section for the site."""
+    scope_line = ("In-scope check: the model's, unchanged." if scoped else
+                  "In-scope check: **absent** in this version (its network's features differ from those the check "
+                  "was fitted on, or the model had none): every answer says so.")
     def figure(metrics: dict, name: str) -> str:
         if name not in metrics:
             return "-"
@@ -178,7 +181,7 @@ def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint
                   f"threshold finds {point.sensitivity_interval[0]:.2f}-{point.sensitivity_interval[1]:.2f} of the "
                   f"melanomas and leaves {point.specificity_interval[0]:.2f}-{point.specificity_interval[1]:.2f} of "
                   f"the benign lesions alone (95 %, out-of-bootstrap).", ""]
-    lines += [f"Threshold served: {chosen:.4f} ({reason}).",
+    lines += [f"Threshold served: {chosen:.4f} ({reason}).", scope_line,
               f"Calibration {'refitted on the site' if calibration_refitted else 'as trained'}; "
               + (f"BatchNorm statistics: {settings.adabn:.0%} the site's ({adabn_layers} layers"
                  f"{', the first from the input' if settings.adabn_depth < 1 else ''})."
@@ -290,7 +293,9 @@ def run_adaptation(settings: AdaptSettings) -> dict:
         unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
         adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn, settings.adabn_depth)
         mlflow.log_metrics({"adabn_photos": len(unlabelled), "adabn_layers": adabn_layers})
-    engine, graph, _ = checked_engine(Scorer(model, spec, base.tta), np.asarray(site.images[:256]), device)
+    # The in-scope check holds while the network computes what it was fitted on: not after AdaBN.
+    scope = base.scope if not adabn_layers else None
+    engine, graph, _ = checked_engine(Scorer(model, spec, base.tta, scope), np.asarray(site.images[:256]), device)
     logits = engine.logits(np.asarray(site.images))
     labels, groups = site.labels, np.asarray(site.groups)
 
@@ -302,7 +307,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
         tuning = site_finetuning(settings, model, spec, site, device)
         if tuning.accepted:
             forgetting = measure_forgetting(settings.model, model, tuning.network, spec, device)
-            model = tuning.network
+            model, scope = tuning.network, None  # new features: the training photos' check no longer holds
             engine, graph, _ = checked_engine(Scorer(model, spec, base.tta), np.asarray(site.images[:256]), device)
             # The site model's calibration and threshold come from scores of photos the scoring
             # model never trained on: the cross-fitted ones of the chosen recipe.
@@ -343,7 +348,8 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                         "site/operating_points.png")
     tracking.log_threshold(chosen, rule)
 
-    section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels))
+    section = site_section(settings, local, point, chosen, reason, settings.recalibrate, adabn_layers, len(labels),
+                           scope is not None)
     if tuning is not None:
         section += "\n" + finetune_section(settings, tuning, forgetting, len(labels))
     site_settings = {**{k: v for k, v in base.settings.items() if k not in ("threshold", "calibration")},
@@ -355,7 +361,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                                   "replay": settings.replay, "crossfit_auc_gain": tuning.gain}}}
     example_bytes = read_file(site.source, site.paths[0])
     model_uri = tracking.log_classifier(model.cpu(), base.names, spec, chosen, rule, example_bytes, calibration, graph,
-                                        site_settings)
+                                        site_settings, scope)
     mlflow.set_tag("site_model_uri", model_uri)
     card_text = (trained_card(settings.model) + "\n\n" + section).strip()
     mlflow.log_text(card_text, CARD_FILE)  # the page (melanoma app) shows the card of the model's run

@@ -24,13 +24,15 @@ from melanoma.classifier.calibration import fit_calibration
 from melanoma.classifier.decision import ThresholdRule
 from melanoma.classifier.engine import checked_engine
 from melanoma.classifier.gradcam import ensemble_gradcam, fit_longest_side, overlay_on_photo, side_by_side
-from melanoma.classifier.inference import Scorer, select_device, to_model_input
+from melanoma.classifier.inference import Scorer, penultimate_features, select_device, to_model_input
 from melanoma.classifier.models import build_model, gradcam_layer, has_pretrained_weights
-from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region
+from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region, preprocess
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
 from melanoma.config import TrainConfig, settings_params
 from melanoma.data.dataset import PreparedData, cache_dir
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import read_file
+from melanoma.data.out_of_scope import generated_pictures
 from melanoma.data.training_data import TrainingData, load_data
 from melanoma.evaluate import (
     Predictions,
@@ -109,6 +111,38 @@ def relog_missing_epochs(history: list[dict[str, float]]) -> None:
             tracking.epoch_logger(int(metrics["epoch"]), metrics)
 
 
+SCOPE_FIT_PHOTOS = 5000  # training photos the scope model is fitted on, at most
+
+
+def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: PreparedData, fit_idx: np.ndarray,
+                    val_idx: np.ndarray, device: torch.device, seed: int) -> ScopeModel | None:
+    """The in-scope check of one network (an ensemble has none): fitted on the penultimate
+    features of (at most ``SCOPE_FIT_PHOTOS``) training photos, thresholded so that
+    ``IN_SCOPE_SHARE`` of the validation photos are in scope."""
+    if isinstance(model, torch.nn.ModuleList):
+        return None
+    chosen = np.sort(np.random.default_rng(seed).permutation(fit_idx)[:SCOPE_FIT_PHOTOS])
+    scope = fit_scope(penultimate_features(model, np.asarray(data.images[chosen]), spec, device))
+    with torch.inference_mode():
+        val_scores = scope(torch.from_numpy(penultimate_features(model, np.asarray(data.images[val_idx]), spec, device)))
+    scope.threshold = threshold_for_share(val_scores.numpy(), IN_SCOPE_SHARE)
+    return scope
+
+
+def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict[str, np.ndarray],
+                     photos: list[np.ndarray], seed: int) -> None:
+    """The share of each set's photos in scope, and of generated pictures caught, by kind."""
+    metrics = {"scope_threshold": scope.threshold, "scope_in_scope_share_target": IN_SCOPE_SHARE}
+    for name, images in sets.items():
+        metrics[f"{names.scope(name)}in_scope"] = float(np.mean(engine.outputs(images)[1].numpy() <= scope.threshold))
+    pictures = generated_pictures(np.random.default_rng(seed), photos)
+    for kind, images in pictures.items():
+        inputs = np.stack([preprocess(image, spec) for image in images])
+        caught = float(np.mean(engine.outputs(inputs)[1].numpy() > scope.threshold))
+        metrics[f"{names.scope('generated_' + kind.replace(' ', '_'))}caught"] = caught
+    tracking.log_metrics(metrics)
+
+
 @dataclass
 class TrainingReport:
     """What a training run returns: its summary (printed by ``melanoma train``) and the
@@ -180,9 +214,10 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     spec = cfg.preprocess_spec()
     data, val_idx, test_idx = run_data.data, run_data.val_idx, run_data.data.indices("test")
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
+    scope = fit_scope_model(model, spec, data, run_data.fit_idx, val_idx, device, cfg.seed)
     # The final figures come from the engine the logged model will be served with.
-    engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta), np.asarray(data.images[val_idx[:256]]),
-                                               device)
+    engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta, scope),
+                                               np.asarray(data.images[val_idx[:256]]), device)
     mlflow.set_tag("scoring_engine", engine.name)
     mlflow.log_metric("onnx_max_probability_difference", difference)
 
@@ -225,10 +260,16 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
                              external.groups, cfg.bootstrap, cfg.seed)
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
                         "evaluation/operating_point_by_set.png")
+    if scope is not None:
+        in_scope = {"val": val_idx, **({cfg.holdout_source: run_data.holdout_idx} if len(run_data.holdout_idx) else {}),
+                    **({"test": test_idx} if len(test_idx) else {})}
+        log_scope_checks(engine, scope, spec, {name: np.asarray(data.images[idx]) for name, idx in in_scope.items()},
+                         [decode_for_model(read_file(data.locations[i], data.paths[i]), spec)
+                          for i in val_idx[:8]], cfg.seed)
 
     example_bytes = read_file(data.locations[report_idx[0]], data.paths[report_idx[0]])
     model_uri = tracking.log_classifier(model.cpu(), model_name, spec, point.threshold, rule, example_bytes,
-                                        calibration, graph, {"tta": cfg.tta})
+                                        calibration, graph, {"tta": cfg.tta}, scope)
     mlflow.set_tag("model_uri", model_uri)
     card.log_card(mlflow.active_run().info.run_id)
     report = sets[report_split]

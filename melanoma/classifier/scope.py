@@ -1,0 +1,85 @@
+"""Whether a photo is one the model is made for: a dermoscopy photo like its training photos.
+
+The scope score is a distance of the network's penultimate features (what its classifier head
+reads) to those of the training photos: the Mahalanobis distance within their principal
+subspace plus the distance off it (Lee et al. 2018; the subspace keeps it cheap and well
+conditioned with a few thousand photos). It is fitted when a model is logged, its threshold set
+so that a stated share of the validation photos is in scope, and it runs inside the exported
+graph, on the photo's own view, beside the logits. docs/results.md compares it with the
+max-logit and energy scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from melanoma.classifier.models import classifier_head
+
+SCOPE_FILE = "scope.pt"
+IN_SCOPE_SHARE = 0.99  # of the validation photos, in scope by construction
+COMPONENTS = 64
+
+
+class ScopeModel(nn.Module):
+    """Features (N, D) -> scope score (N,): larger is further from the training photos."""
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, scales: torch.Tensor, residual_scale: torch.Tensor,
+                 threshold: float = float("inf")):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("components", components.float())  # (D, K), orthonormal columns
+        self.register_buffer("scales", scales.float())  # (K,) the features' spread along each
+        self.register_buffer("residual_scale", residual_scale.float().reshape(()))  # spread off the subspace
+        self.threshold = float(threshold)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features.float() - self.mean
+        inside = centred @ self.components
+        residual = centred - inside @ self.components.T
+        within = ((inside / self.scales) ** 2).mean(1)
+        off = (residual ** 2).sum(1) / self.residual_scale ** 2
+        return torch.sqrt(within + off)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What is stored with the model (``torch.load(weights_only=True)`` reads it back)."""
+        return {**{k: v.cpu() for k, v in self.state_dict().items()}, "threshold": torch.tensor(self.threshold)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> ScopeModel:
+        return cls(state["mean"], state["components"], state["scales"], state["residual_scale"],
+                   float(state["threshold"]))
+
+
+def fit_scope(features: np.ndarray, components: int = COMPONENTS) -> ScopeModel:
+    """The scope model of training photos' features (N, D); its threshold is set separately."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    mean = x.mean(0)
+    centred = x - mean
+    k = max(1, min(components, x.shape[0] - 1, x.shape[1] - 1))
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:k].T
+    scales = (singular[:k] / np.sqrt(max(1, x.shape[0] - 1))).clamp_min(1e-6)
+    residual = centred - centred @ basis @ basis.T
+    spread = centred.pow(2).sum(1).mean().sqrt()
+    residual_scale = residual.pow(2).sum(1).mean().sqrt().clamp_min(1e-3 * float(spread) + 1e-12)
+    return ScopeModel(mean, basis, scales, residual_scale)
+
+
+def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:
+    """The score below which ``share`` of ``scores`` (validation photos) fall."""
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), share, method="higher"))
+
+
+def logits_and_features(network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's logits and its penultimate features (its classifier head's input, flattened),
+    from one forward pass; the hook lives only for the call, so it is traced into an exported
+    graph and never left behind."""
+    caught: list[torch.Tensor] = []
+    handle = classifier_head(network).register_forward_pre_hook(lambda module, inputs: caught.append(inputs[0]))
+    try:
+        logits = network(x)
+    finally:
+        handle.remove()
+    return logits, caught[0].flatten(1)

@@ -1,0 +1,122 @@
+"""The in-scope check: fitted with every single-network model, it keeps the model's own
+validation photos in scope at the stated share and flags generated pictures; the served response,
+the predict CSV and the page carry it; the exported graph computes it as PyTorch does; a model
+logged without one says so."""
+
+import base64
+import csv
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from melanoma.batch import predict_files
+from melanoma.classifier.engine import OnnxEngine, export_onnx
+from melanoma.classifier.inference import Scorer, penultimate_features
+from melanoma.classifier.logged import load_logged_model
+from melanoma.classifier.models import build_model
+from melanoma.classifier.preprocessing import PreprocessSpec, preprocess
+from melanoma.classifier.pyfunc import LABEL_OUT_OF_SCOPE_ENV, MelanomaClassifier
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
+from melanoma.data.out_of_scope import generated_pictures
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def model_uri(trained_runs, monkeypatch) -> str:
+    trained_runs.activate(monkeypatch)
+    return f"runs:/{trained_runs.cnn}/model"
+
+
+def noise_jpeg(seed: int = 0) -> str:
+    import cv2
+
+    image = np.random.default_rng(seed).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    return base64.b64encode(cv2.imencode(".jpg", image)[1].tobytes()).decode()
+
+
+def lesion_jpeg(demo_root) -> str:
+    return base64.b64encode(next((demo_root / "test" / "malignant").glob("*.jpg")).read_bytes()).decode()
+
+
+def test_a_trained_model_keeps_its_validation_photos_in_scope_and_flags_generated_pictures(model_uri, trained_runs):
+    metrics = mlflow.MlflowClient().get_run(trained_runs.cnn).data.metrics
+    assert metrics["scope_val_in_scope"] >= IN_SCOPE_SHARE  # by construction, on the validation photos
+    model = load_logged_model(model_uri)
+    assert model.scope is not None and model.engine.name == "onnxruntime"
+    photos = [np.full((64, 64, 3), 128, np.uint8)]
+    pictures = generated_pictures(np.random.default_rng(5), photos, per_kind=6)
+    caught = {kind: float(np.mean(~model.in_scope(model.assess(np.stack([preprocess(p, model.spec) for p in images]))[1])))
+              for kind, images in pictures.items()}
+    assert np.mean(list(caught.values())) >= 0.9, caught
+    for kind in ("flat colour", "noise", "document", "checkerboard"):
+        assert caught[kind] >= 0.8, caught
+    assert metrics["scope_generated_noise_caught"] == pytest.approx(1.0)
+
+
+def test_the_served_answer_says_whether_a_photo_is_in_scope(model_uri, demo_root, monkeypatch):
+    served = mlflow.pyfunc.load_model(model_uri)
+    threshold = served.unwrap_python_model().model.threshold
+    frame = pd.DataFrame({"image": [lesion_jpeg(demo_root), noise_jpeg()]})
+    out = served.predict(frame)
+    assert list(out["scope_check"]) == ["in scope", "out of scope"] and list(out["in_scope"]) == [True, False]
+    assert out["scope_score"][1] > out["scope_score"][0]
+    expected = ["malignant" if p >= threshold else "benign" for p in out["malignant_probability"]]
+    assert out["label"][0] == expected[0] and out["label"][1] == "out of scope"  # its probability kept
+    labelled = served.predict(frame, params={"label_out_of_scope": True})
+    assert list(labelled["label"]) == expected and labelled["malignant_probability"].equals(out["malignant_probability"])
+    monkeypatch.setenv(LABEL_OUT_OF_SCOPE_ENV, "true")  # the deployment's choice
+    assert list(served.predict(frame)["label"]) == expected
+
+
+def test_predict_writes_the_check_into_its_csv(model_uri, demo_root, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "lesion.jpg").write_bytes(base64.b64decode(lesion_jpeg(demo_root)))
+    (folder / "noise.jpg").write_bytes(base64.b64decode(noise_jpeg()))
+    predict_files(model_uri, [folder], tmp_path / "out.csv")
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        rows = {row["path"].rsplit("/", 1)[1]: row for row in csv.DictReader(handle)}
+    assert rows["lesion.jpg"]["scope_check"] == "in scope" and rows["lesion.jpg"]["in_scope"] == "True"
+    assert rows["noise.jpg"]["scope_check"] == "out of scope" and rows["noise.jpg"]["label"] == "out of scope"
+    assert float(rows["noise.jpg"]["scope_score"]) > float(rows["lesion.jpg"]["scope_score"])
+
+
+def test_a_model_logged_without_the_check_says_it_is_absent(tmp_path):
+    weights, settings = tmp_path / "weights.pt", tmp_path / "settings.json"
+    torch.save(build_model("cnn", 3).state_dict(), weights)
+    settings.write_text(json.dumps({"model": "cnn", "threshold": 0.5, "preprocess": {"img_size": 32, "channels": 3}}))
+    classifier = MelanomaClassifier()
+    classifier.load(weights, settings)
+    out = classifier.predict(None, pd.DataFrame({"image": [noise_jpeg()]}))
+    assert out["scope_check"][0] == "absent" and out["in_scope"][0] is None and np.isnan(out["scope_score"][0])
+    assert out["label"][0] == ("malignant" if out["malignant_probability"][0] >= 0.5 else "benign")  # never guessed
+
+
+def test_the_exported_graph_computes_the_scope_score_as_pytorch_does():
+    torch.manual_seed(0)
+    spec = PreprocessSpec(img_size=32, channels=3)
+    network = build_model("cnn", 3).eval()
+    images = np.random.default_rng(1).integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
+    scope = fit_scope(penultimate_features(network, images[:16], spec, CPU), components=8)
+    scope.threshold = threshold_for_share(scope(torch.from_numpy(penultimate_features(network, images[16:], spec, CPU)))
+                                          .detach().numpy())
+    scorer = Scorer(network, spec, "flip", scope)
+    graph = export_onnx(scorer, 3, 32)
+    onnx_logits, onnx_scores = OnnxEngine(graph, views=4).outputs(images)
+    with torch.inference_mode():  # PyTorch in fp32, as the graph runs
+        torch_logits, torch_scores = scorer(torch.from_numpy(images))
+    torch.testing.assert_close(onnx_scores, torch_scores, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.softmax(onnx_logits, 1), torch.softmax(torch_logits, 1), rtol=1e-3, atol=1e-3)
+    restored = ScopeModel.from_state(scope.state())
+    assert restored.threshold == scope.threshold
+
+
+def test_an_ensemble_carries_no_scope_model():
+    spec = PreprocessSpec(img_size=32, channels=3)
+    with pytest.raises(Exception, match="belongs to one network"):
+        Scorer([build_model("cnn", 3), build_model("cnn", 3)], spec, "none", fit_scope(np.random.rand(10, 4), 2))
