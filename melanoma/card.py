@@ -44,17 +44,17 @@ def evaluated_sets(run, evaluations: list) -> dict[str, dict[str, float]]:
     params, metrics = run.data.params, run.data.metrics
     sets = {"validation": with_prefix(metrics, names.VALIDATION)}
     for source in sources_of(params):
-        if f"{names.validation_source(source)}count" in metrics:
-            sets[f"validation, {source} only"] = with_prefix(metrics, names.validation_source(source))
+        if f"{names.VALIDATION_SOURCE.format(source)}count" in metrics:
+            sets[f"validation, {source} only"] = with_prefix(metrics, names.VALIDATION_SOURCE.format(source))
     if f"{names.TEST}count" in metrics:
         sets["test"] = with_prefix(metrics, names.TEST)
     for source in listed(params.get("holdout_source")):
-        sets[f"held-out source: {source}"] = with_prefix(metrics, names.holdout(source))
+        sets[f"held-out source: {source}"] = with_prefix(metrics, names.HOLDOUT.format(source))
     for name in external_names(listed(params.get("resolved_external", params.get("external")))):
-        sets[f"external: {name}"] = with_prefix(metrics, names.external(name))
+        sets[f"external: {name}"] = with_prefix(metrics, names.EXTERNAL.format(name))
     for evaluation in evaluations:
         name = evaluation.data.params.get("name", evaluation.info.run_name)
-        sets[f"evaluated: {name}"] = with_prefix(evaluation.data.metrics, names.evaluation(name))
+        sets[f"evaluated: {name}"] = with_prefix(evaluation.data.metrics, names.EVALUATION.format(name))
     return {name: values for name, values in sets.items() if values}
 
 
@@ -82,9 +82,9 @@ def threshold_origin(run) -> list[str]:
               "| held-out source | AUC | sensitivity | specificity | with the validation rule: sensitivity | specificity |",
               "|---|---|---|---|---|---|"]
     for source in sources:
-        row = with_prefix(run.data.metrics, names.crossval_quoted(source))
+        row = with_prefix(run.data.metrics, names.CROSSVAL_QUOTED.format(source))
         lines.append(f"| {source} | {row.get('auc', float('nan')):.3f} | " + " | ".join(
-            f"{row.get(f'{names.rule(rule_name)}{name}', float('nan')):.3f}" for rule_name in ("crossval", "validation")
+            f"{row.get(f'{names.RULE.format(rule_name)}{name}', float('nan')):.3f}" for rule_name in ("crossval", "validation")
             for name in ("sensitivity", "specificity")) + " |")
     return lines + [""]
 
@@ -217,10 +217,10 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
     share = metrics.get("scope_in_scope_share_target", float("nan"))
     sets = {"validation": "val", **{f"held-out source {s}": s for s in listed(params.get("holdout_source"))},
             "test": "test"}
-    kept = [f"{name} {metrics[f'{names.scope(key)}in_scope']:.1%}" for name, key in sets.items()
-            if f"{names.scope(key)}in_scope" in metrics]
+    kept = [f"{name} {metrics[f'{names.SCOPE.format(key)}in_scope']:.1%}" for name, key in sets.items()
+            if f"{names.SCOPE.format(key)}in_scope" in metrics]
     caught = [f"{kind} {metrics[key]:.0%}" for kind in GENERATED_KINDS
-              if (key := f"{names.scope('generated_' + kind.replace(' ', '_'))}caught") in metrics]
+              if (key := f"{names.SCOPE.format('generated_' + kind.replace(' ', '_'))}caught") in metrics]
     return ["## In scope",
             "Every answer says whether the photo is one the model is made for: a photo whose penultimate features lie "
             f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
@@ -255,7 +255,7 @@ def limitations(params: dict[str, str], metrics: dict[str, float], sets: dict[st
 
 
 def source_counts(params: dict[str, str], metrics: dict[str, float]) -> dict[str, dict[str, int]]:
-    return {s: {c: int(metrics.get(f"{names.audit_source(s)}{c}", 0)) for c in CLASSES} for s in sources_of(params)}
+    return {s: {c: int(metrics.get(f"{names.AUDIT_SOURCE.format(s)}{c}", 0)) for c in CLASSES} for s in sources_of(params)}
 
 
 def source_rows(params: dict[str, str], metrics: dict[str, float]) -> list[str]:
@@ -264,7 +264,7 @@ def source_rows(params: dict[str, str], metrics: dict[str, float]) -> list[str]:
     if not counts:
         return []
     return ["", "| source | benign | malignant | border probe AUC |", "|---|---|---|---|",
-            *[f"| {s} | {row['benign']} | {row['malignant']} | {metrics.get(f'{names.audit_source(s)}border_probe_auc', float('nan')):.3f} |"
+            *[f"| {s} | {row['benign']} | {row['malignant']} | {metrics.get(f'{names.AUDIT_SOURCE.format(s)}border_probe_auc', float('nan')):.3f} |"
               for s, row in counts.items()], ""]
 
 

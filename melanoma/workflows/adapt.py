@@ -247,7 +247,7 @@ def measure_forgetting(model_uri: str, before: nn.Module, after: nn.Module, spec
         part = sources == source
         if len(set(labels[part])) == 2:
             table[source] = {name: float(roc_auc_score(labels[part], p[part])) for name, p in probs.items()}
-            mlflow.log_metrics({f"{names.forgetting(source)}auc_{name}": v for name, v in table[source].items()})
+            mlflow.log_metrics({f"{names.FORGETTING.format(source)}auc_{name}": v for name, v in table[source].items()})
     return table
 
 

@@ -109,22 +109,22 @@ def log_summary(children: dict[str, TrainingReport], rules: dict, cfg: TrainConf
     metrics: dict[str, float] = {}
     for source, report in children.items():
         at_own = set_figures(report.holdout, report.summary["threshold"], cfg.bootstrap, cfg.seed)
-        metrics.update({f"{names.crossval_heldout(source)}{k}": v for k, v in at_own.items()})
+        metrics.update({f"{names.CROSSVAL_HELDOUT.format(source)}{k}": v for k, v in at_own.items()})
         for rule, values in rules.get(source, {}).items():
-            metrics.update({f"{names.crossval_heldout(source)}{names.rule(rule)}{k}": v for k, v in values.items()
+            metrics.update({f"{names.CROSSVAL_HELDOUT.format(source)}{names.RULE.format(rule)}{k}": v for k, v in values.items()
                             if k in ("sensitivity", "specificity", "threshold", "validation_sensitivity")
                             or k.startswith(("sensitivity_ci", "specificity_ci"))})
-    aucs = {s: metrics[f"{names.crossval_heldout(s)}auc"] for s in children if f"{names.crossval_heldout(s)}auc" in metrics}
+    aucs = {s: metrics[f"{names.CROSSVAL_HELDOUT.format(s)}auc"] for s in children if f"{names.CROSSVAL_HELDOUT.format(s)}auc" in metrics}
     if aucs:
         metrics["crossval_mean_auc"] = float(np.mean(list(aucs.values())))
         metrics["crossval_worst_auc"] = float(min(aucs.values()))
     for rule in ("validation", "crossval"):
         rows = [r[rule] for r in rules.values()]
         if rows:
-            metrics[f"crossval_{names.rule(rule)}worst_sensitivity"] = min(r["sensitivity"] for r in rows)
-            metrics[f"crossval_{names.rule(rule)}worst_specificity"] = min(r["specificity"] for r in rows)
+            metrics[f"crossval_{names.RULE.format(rule)}worst_sensitivity"] = min(r["sensitivity"] for r in rows)
+            metrics[f"crossval_{names.RULE.format(rule)}worst_specificity"] = min(r["specificity"] for r in rows)
     tracking.log_metrics(metrics)
-    tracking.log_figure(crossval_figure({s: with_prefix(metrics, names.crossval_heldout(s)) for s in children}),
+    tracking.log_figure(crossval_figure({s: with_prefix(metrics, names.CROSSVAL_HELDOUT.format(s)) for s in children}),
                         "crossval/heldout_auc.png")
     if rules:
         tracking.log_figure(sets_figure({f"{s}: {rule} rule": v for s, r in rules.items() for rule, v in r.items()}),
@@ -161,8 +161,8 @@ def run_crossval(cfg: TrainConfig, settings: CrossvalSettings = CrossvalSettings
             mlflow.set_tags({"crossval_final": "true", "crossval_sources": ",".join(sources)})
             final_report = run_training(cfg, checkpoints=False, rule=rule)
             # What the rule gave at each held-out source: the final model's card quotes it.
-            tracking.log_metrics({f"{names.crossval_quoted(s)}{k}": v for s in sources
-                                  for k, v in with_prefix(summary, names.crossval_heldout(s)).items()})
+            tracking.log_metrics({f"{names.CROSSVAL_QUOTED.format(s)}{k}": v for s in sources
+                                  for k, v in with_prefix(summary, names.CROSSVAL_HELDOUT.format(s)).items()})
         write_card(final.info.run_id)
         mlflow.set_tags({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id})
         summary.update({"model_uri": final_report.summary["model_uri"], "final_run_id": final.info.run_id,

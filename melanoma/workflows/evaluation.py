@@ -45,7 +45,7 @@ def evaluate_model_on_folder(model_uri: str, data: str | Path, name: str | None 
         mlflow.set_tags({"evaluation": "external", "model_uri": model_uri, "source_run_id": source_run_id})
         tracking.log_params({"model_uri": model_uri, "data": str(Path(data).resolve()), "name": name,
                              "threshold": str(model.threshold)})
-        metrics = log_set(name, names.evaluation(name), labels, logits, model.calibration, model.threshold,
+        metrics = log_set(name, names.EVALUATION.format(name), labels, logits, model.calibration, model.threshold,
                           np.asarray(prepared.md5s)[chosen], bootstrap)
         metrics["skipped_files"] = len(prepared.skipped)
         mlflow.log_metric(f"{name}_skipped_files", len(prepared.skipped))

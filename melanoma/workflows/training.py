@@ -84,7 +84,7 @@ def log_audit(cfg: TrainConfig, digest: str, demo: Path) -> None:
     report = cached_audit(cfg.data, cfg.label_map, cfg.seed, digest, str(demo))
     tracking.log_metrics({k: report[k] for k in AUDIT_METRICS}, prefix=names.AUDIT)
     for source, row in report["sources"].items():
-        tracking.log_metrics({k: v for k, v in row.items() if k != "warning"}, prefix=names.audit_source(source))
+        tracking.log_metrics({k: v for k, v in row.items() if k != "warning"}, prefix=names.AUDIT_SOURCE.format(source))
     mlflow.set_tag("audit_verdict", report["verdict"][:5000])
     tracking.log_json(public_report(report), "audit/audit.json")
     tracking.log_figure(audit_figure(report), "audit/audit.png")
@@ -134,12 +134,12 @@ def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict
     """The share of each set's photos in scope, and of generated pictures caught, by kind."""
     metrics = {"scope_threshold": scope.threshold, "scope_in_scope_share_target": IN_SCOPE_SHARE}
     for name, images in sets.items():
-        metrics[f"{names.scope(name)}in_scope"] = float(np.mean(engine.outputs(images)[1].numpy() <= scope.threshold))
+        metrics[f"{names.SCOPE.format(name)}in_scope"] = float(np.mean(engine.outputs(images)[1].numpy() <= scope.threshold))
     pictures = generated_pictures(np.random.default_rng(seed), photos)
     for kind, images in pictures.items():
         inputs = np.stack([preprocess(image, spec) for image in images])
         caught = float(np.mean(engine.outputs(inputs)[1].numpy() > scope.threshold))
-        metrics[f"{names.scope('generated_' + kind.replace(' ', '_'))}caught"] = caught
+        metrics[f"{names.SCOPE.format('generated_' + kind.replace(' ', '_'))}caught"] = caught
     tracking.log_metrics(metrics)
 
 
@@ -235,13 +235,13 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
                            groups[val_idx], cfg.bootstrap, cfg.seed)}
     by_source = source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold)
     for source, metrics in by_source.items():
-        tracking.log_metrics(metrics, prefix=names.validation_source(source))
+        tracking.log_metrics(metrics, prefix=names.VALIDATION_SOURCE.format(source))
     holdout = None
     if len(run_data.holdout_idx):
         held = run_data.holdout_idx
         held_logits = logits_of(held)
         sets[f"holdout {cfg.holdout_source}"] = log_set(
-            f"holdout_{cfg.holdout_source}", names.holdout(cfg.holdout_source), data.labels[held], held_logits,
+            f"holdout_{cfg.holdout_source}", names.HOLDOUT.format(cfg.holdout_source), data.labels[held], held_logits,
             calibration, point.threshold, groups[held], cfg.bootstrap, cfg.seed)
         holdout = Predictions(data.labels[held], calibration.probabilities(held_logits), groups[held])
 
@@ -256,7 +256,7 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
 
     for name, folder in external_names(cfg.external_dirs).items():
         external, logits = score_folder(engine, folder, spec)
-        sets[name] = log_set(name, names.external(name), external.labels, logits, calibration, point.threshold,
+        sets[name] = log_set(name, names.EXTERNAL.format(name), external.labels, logits, calibration, point.threshold,
                              external.groups, cfg.bootstrap, cfg.seed)
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
                         "evaluation/operating_point_by_set.png")
