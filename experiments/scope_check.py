@@ -115,13 +115,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True)
     parser.add_argument("--out-of-scope", type=Path, required=True)
+    parser.add_argument("--sources", default="", help="only these held-out sources (comma-separated)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = select_device()
-    rows = []
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for run_id in args.runs:
         for source, child in sorted(children(run_id).items()):
+            if (args.sources and source not in args.sources.split(",")) or any(r["source"] == source for r in rows):
+                continue
             model = load_logged_model(f"runs:/{child}/model")
             network, spec = model.network.to(device).eval(), model.spec
             cfg = parse_params(__import__("mlflow").MlflowClient().get_run(child).data.params)
