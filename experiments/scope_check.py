@@ -5,9 +5,9 @@
         --out docs/scope_check_cpu.json
 
 For each child of a finished cross-source validation (a model trained without one source), the
-scope model is fitted as training fits it (``fit_scope_model``: training photos' penultimate
-features, threshold at 99 % of the validation photos) and, beside it, the max-logit and energy
-scores (thresholded the same way). Each score is judged on: the validation photos, the source
+scope model is fitted as training fits it (``fit_scope_model``: training photos' stage
+statistics, threshold at 99 % of the validation photos) and, beside it, the same distance on the
+penultimate features, and the max-logit and energy scores (thresholded the same way). Each score is judged on: the validation photos, the source
 the child never saw (a new clinic's dermoscopy: should stay in scope), non-dermoscopic skin
 photos (clinical and total-body), everyday photos (scikit-image's samples) and generated
 pictures (``melanoma.data.out_of_scope``). Then the served graph's latency with and without the
@@ -28,10 +28,10 @@ import torch
 
 from experiments.heldout import children
 from melanoma.classifier.engine import OnnxEngine, export_onnx
-from melanoma.classifier.inference import Scorer, penultimate_features, select_device
+from melanoma.classifier.inference import Scorer, scope_features, select_device
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, logits_and_features, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, fit_scope, logits_and_features, threshold_for_share
 from melanoma.config import parse_params
 from melanoma.data.out_of_scope import generated_pictures
 from melanoma.data.training_data import load_data
@@ -76,11 +76,29 @@ def folder_inputs(folder: Path, spec) -> dict[str, np.ndarray]:
 
 
 @torch.inference_mode()
-def scores(network, spec, scope, images: np.ndarray, device) -> dict[str, np.ndarray]:
+def penultimate(network, spec, images: np.ndarray, device) -> np.ndarray:
+    """What the classifier head reads (the candidate the stage statistics replaced)."""
+    from melanoma.classifier.models import classifier_head
+    from melanoma.classifier.preprocessing import normalization, normalize
+
+    mean, std = normalization(spec, device)
+    out = []
+    for start in range(0, len(images), 128):
+        caught = []
+        handle = classifier_head(network).register_forward_pre_hook(lambda m, i: caught.append(i[0].flatten(1)))
+        network(normalize(torch.as_tensor(np.array(images[start:start + 128])).to(device), mean, std))
+        handle.remove()
+        out.append(caught[0].float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.inference_mode()
+def scores(network, spec, scope, head_scope, images: np.ndarray, device) -> dict[str, np.ndarray]:
     """Every candidate score of uint8 model inputs (larger: further out of scope)."""
-    features = penultimate_features(network, images, spec, device)
+    features = scope_features(network, images, spec, device)
     logits = classifier_logits(network, spec, images, device)
-    return {"mahalanobis_pca": scope(torch.from_numpy(features)).numpy(),
+    return {"stage_statistics": scope(torch.from_numpy(features)).numpy(),
+            "penultimate": head_scope(torch.from_numpy(penultimate(network, spec, images, device))).numpy(),
             "max_logit": -logits.max(1).values.numpy(),
             "energy": -torch.logsumexp(logits, 1).numpy()}
 
@@ -130,7 +148,9 @@ def main() -> None:
             cfg = parse_params(__import__("mlflow").MlflowClient().get_run(child).data.params)
             data = load_data(cfg, spec)
             d = data.data
-            scope = fit_scope_model(network, spec, d, data.fit_idx, data.val_idx, device, cfg.seed)
+            scope = fit_scope_model(network, spec, d, data.fit_idx, device, cfg.seed)
+            fit_photos = np.sort(np.random.default_rng(cfg.seed).permutation(data.fit_idx)[:5000])
+            head_scope = fit_scope(penultimate(network, spec, np.asarray(d.images[fit_photos]), device))
             sets = {"validation": np.asarray(d.images[data.val_idx]),
                     f"held-out source ({source})": np.asarray(d.images[data.holdout_idx])}
             out_of_scope = {f"skin photo, {k}": v for k, v in folder_inputs(args.out_of_scope, spec).items()}
@@ -139,12 +159,12 @@ def main() -> None:
             photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
             for kind, pictures in generated_pictures(np.random.default_rng(0), photos, per_kind=16).items():
                 out_of_scope[f"generated, {kind}"] = np.stack([preprocess(p, spec) for p in pictures])
-            val_scores = scores(network, spec, scope, sets["validation"], device)
+            val_scores = scores(network, spec, scope, head_scope, sets["validation"], device)
             thresholds = {name: threshold_for_share(v, IN_SCOPE_SHARE) for name, v in val_scores.items()}
             row = {"source": source, "child_run": child, "fitted_on": int(min(len(data.fit_idx), 5000)),
                    "threshold": thresholds}
             for name, images in {**sets, **out_of_scope}.items():
-                s = scores(network, spec, scope, images, device)
+                s = scores(network, spec, scope, head_scope, images, device)
                 row[name] = {"photos": int(len(images)),
                              **{score: float(np.mean(s[score] <= thresholds[score])) for score in s}}
             row.update(latency(network.cpu(), spec, scope, np.asarray(d.images[data.val_idx[:1]])))

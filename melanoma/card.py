@@ -222,7 +222,7 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
     caught = [f"{kind} {metrics[key]:.0%}" for kind in GENERATED_KINDS
               if (key := f"{names.SCOPE.format('generated_' + kind.replace(' ', '_'))}caught") in metrics]
     return ["## In scope",
-            "Every answer says whether the photo is one the model is made for: a photo whose penultimate features lie "
+            "Every answer says whether the photo is one the model is made for: a photo whose feature statistics lie "
             f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
             f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
             "out of scope.", "",

@@ -15,7 +15,7 @@ import torch
 
 from melanoma.batch import predict_files
 from melanoma.classifier.engine import OnnxEngine, export_onnx
-from melanoma.classifier.inference import Scorer, penultimate_features
+from melanoma.classifier.inference import Scorer, scope_features
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.models import build_model
 from melanoma.classifier.preprocessing import PreprocessSpec, preprocess
@@ -102,8 +102,8 @@ def test_the_exported_graph_computes_the_scope_score_as_pytorch_does():
     spec = PreprocessSpec(img_size=32, channels=3)
     network = build_model("cnn", 3).eval()
     images = np.random.default_rng(1).integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
-    scope = fit_scope(penultimate_features(network, images[:16], spec, CPU), components=8)
-    scope.threshold = threshold_for_share(scope(torch.from_numpy(penultimate_features(network, images[16:], spec, CPU)))
+    scope = fit_scope(scope_features(network, images[:16], spec, CPU), components=8)
+    scope.threshold = threshold_for_share(scope(torch.from_numpy(scope_features(network, images[16:], spec, CPU)))
                                           .detach().numpy())
     scorer = Scorer(network, spec, "flip", scope)
     graph = export_onnx(scorer, 3, 32)

@@ -128,9 +128,9 @@ def predict_outputs(model: nn.Module, images: np.ndarray | torch.Tensor, spec: P
 
 
 @torch.inference_mode()
-def penultimate_features(network: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device,
+def scope_features(network: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device,
                          batch_size: int = 128) -> np.ndarray:
-    """The network's penultimate features (N, D) of uint8 images, in eval mode (fp32)."""
+    """The statistics the in-scope check reads (N, D) of uint8 images, in eval mode (fp32)."""
     was_training = network.training
     network.eval()
     mean, std = normalization(spec, device)

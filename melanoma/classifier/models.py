@@ -275,8 +275,9 @@ def input_normalization(name: str, pretrained: str) -> tuple[tuple[float, ...], 
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def _candidate_stages(model: nn.Module) -> list[nn.Module]:
-    """The model's stages, shallow to deep: where a class-activation map can be taken."""
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """The model's stages, shallow to deep: where a class-activation map can be taken, and whose
+    activation statistics the in-scope check reads."""
     if isinstance(model, NotebookCNN):
         return list(model.features)
     if hasattr(model, "feature_info"):  # timm
@@ -291,7 +292,7 @@ def _candidate_stages(model: nn.Module) -> list[nn.Module]:
 def gradcam_layer(model: nn.Module, img_size: int, channels: int) -> nn.Module:
     """The deepest stage (the most class-specific) whose map is at least ``MIN_GRADCAM_CELLS``
     pixels across for ``img_size`` inputs; found with one forward pass of a blank image."""
-    stages = _candidate_stages(model)
+    stages = feature_stages(model)
     sides: dict[int, int] = {}
     hooks = [s.register_forward_hook(lambda m, i, o, k=k: sides.__setitem__(k, o.shape[-1]))
              for k, s in enumerate(stages)]

@@ -1,12 +1,14 @@
 """Whether a photo is one the model is made for: a dermoscopy photo like its training photos.
 
-The scope score is a distance of the network's penultimate features (what its classifier head
-reads) to those of the training photos: the Mahalanobis distance within their principal
-subspace plus the distance off it (Lee et al. 2018; the subspace keeps it cheap and well
-conditioned with a few thousand photos). It is fitted when a model is logged, its threshold set
-so that a stated share of the validation photos is in scope, and it runs inside the exported
-graph, on the photo's own view, beside the logits. docs/results.md compares it with the
-max-logit and energy scores.
+The scope score is a distance of a photo's feature statistics (the mean and standard deviation
+of each channel at every stage of the network, shallow to deep) to those of the training photos:
+the Mahalanobis distance within their principal subspace plus the distance off it (the subspace
+keeps it cheap and well conditioned with a few thousand photos). It is fitted when a model is
+logged, its threshold set so that a stated share of the validation photos is in scope, and it
+runs inside the exported graph, on the photo's own view, beside the logits. The penultimate
+features alone, the max-logit and the energy scores were measured and caught almost nothing on
+a real model (docs/results.md): a fine-tuned classifier maps unfamiliar pictures onto familiar
+features, while the statistics of its earlier stages still see them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma.classifier.models import classifier_head
+from melanoma.classifier.models import feature_stages
 
 SCOPE_FILE = "scope.pt"
 IN_SCOPE_SHARE = 0.99  # of the validation photos, in scope by construction
@@ -72,14 +74,20 @@ def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> fl
     return float(np.quantile(np.asarray(scores, dtype=np.float64), share, method="higher"))
 
 
+def stage_statistics(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Each channel's mean and standard deviation over the feature map (N, 2C)."""
+    return torch.cat([output.mean((2, 3)), output.std((2, 3))], 1)
+
+
 def logits_and_features(network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The network's logits and its penultimate features (its classifier head's input, flattened),
-    from one forward pass; the hook lives only for the call, so it is traced into an exported
-    graph and never left behind."""
+    """The network's logits and the statistics of its stages (N, D), from one forward pass; the
+    hooks live only for the call, so they are traced into an exported graph and never left behind."""
     caught: list[torch.Tensor] = []
-    handle = classifier_head(network).register_forward_pre_hook(lambda module, inputs: caught.append(inputs[0]))
+    handles = [stage.register_forward_hook(lambda *args: caught.append(stage_statistics(*args)))
+               for stage in feature_stages(network)]
     try:
         logits = network(x)
     finally:
-        handle.remove()
-    return logits, caught[0].flatten(1)
+        for handle in handles:
+            handle.remove()
+    return logits, torch.cat(caught, 1)

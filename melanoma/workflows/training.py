@@ -24,7 +24,7 @@ from melanoma.classifier.calibration import fit_calibration
 from melanoma.classifier.decision import ThresholdRule
 from melanoma.classifier.engine import checked_engine
 from melanoma.classifier.gradcam import ensemble_gradcam, fit_longest_side, overlay_on_photo, side_by_side
-from melanoma.classifier.inference import Scorer, penultimate_features, select_device, to_model_input
+from melanoma.classifier.inference import Scorer, scope_features, select_device, to_model_input
 from melanoma.classifier.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region, preprocess
 from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
@@ -115,18 +115,20 @@ SCOPE_FIT_PHOTOS = 5000  # training photos the scope model is fitted on, at most
 
 
 def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: PreparedData, fit_idx: np.ndarray,
-                    val_idx: np.ndarray, device: torch.device, seed: int) -> ScopeModel | None:
-    """The in-scope check of one network (an ensemble has none): fitted on the penultimate
-    features of (at most ``SCOPE_FIT_PHOTOS``) training photos, thresholded so that
-    ``IN_SCOPE_SHARE`` of the validation photos are in scope."""
+                    device: torch.device, seed: int) -> ScopeModel | None:
+    """The in-scope check of one network (an ensemble has none), fitted on the stage statistics
+    of (at most ``SCOPE_FIT_PHOTOS``) training photos; its threshold is set on the validation
+    photos' scores from the engine that will serve it (``set_scope_threshold``)."""
     if isinstance(model, torch.nn.ModuleList):
         return None
     chosen = np.sort(np.random.default_rng(seed).permutation(fit_idx)[:SCOPE_FIT_PHOTOS])
-    scope = fit_scope(penultimate_features(model, np.asarray(data.images[chosen]), spec, device))
-    with torch.inference_mode():
-        val_scores = scope(torch.from_numpy(penultimate_features(model, np.asarray(data.images[val_idx]), spec, device)))
-    scope.threshold = threshold_for_share(val_scores.numpy(), IN_SCOPE_SHARE)
-    return scope
+    return fit_scope(scope_features(model, np.asarray(data.images[chosen]), spec, device))
+
+
+def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray) -> None:
+    """The threshold that keeps ``IN_SCOPE_SHARE`` of the validation photos in scope, on the
+    scores the serving engine computes (its precision, not the fitting's)."""
+    scope.threshold = threshold_for_share(engine.outputs(val_images)[1].numpy(), IN_SCOPE_SHARE)
 
 
 def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict[str, np.ndarray],
@@ -214,11 +216,13 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     spec = cfg.preprocess_spec()
     data, val_idx, test_idx = run_data.data, run_data.val_idx, run_data.data.indices("test")
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
-    scope = fit_scope_model(model, spec, data, run_data.fit_idx, val_idx, device, cfg.seed)
+    scope = fit_scope_model(model, spec, data, run_data.fit_idx, device, cfg.seed)
     # The final figures come from the engine the logged model will be served with.
     engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta, scope),
                                                np.asarray(data.images[val_idx[:256]]), device)
     mlflow.set_tag("scoring_engine", engine.name)
+    if scope is not None:
+        set_scope_threshold(scope, engine, np.asarray(data.images[val_idx]))
     mlflow.log_metric("onnx_max_probability_difference", difference)
 
     def logits_of(idx: np.ndarray) -> torch.Tensor:
