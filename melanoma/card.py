@@ -284,6 +284,22 @@ def log_card(run_id: str) -> str:
     return text
 
 
+# A registered version's description holds at most this many characters on some stores (MLflow's
+# SQL schema: VARCHAR(5000); PostgreSQL enforces it, SQLite does not).
+MAX_DESCRIPTION = 5000
+
+
+def version_description(card: str, run_id: str) -> str:
+    """The card as a registered version's description: whole where it fits, else cut at a section
+    and ended with where the whole card is."""
+    if len(card) <= MAX_DESCRIPTION:
+        return card
+    pointer = f"\n\n*The card continues in the artifact `{CARD_FILE}` of run `{run_id}`.*\n"
+    cut = card[:MAX_DESCRIPTION - len(pointer)]
+    cut = cut[:cut.rfind("\n## ")] if "\n## " in cut else cut
+    return cut.rstrip() + pointer
+
+
 def run_id_of(run_or_model: str) -> str:
     """The training run behind a run id, ``runs:/ID/...`` or ``models:/NAME/VERSION|@ALIAS`` URI."""
     if run_or_model.startswith(("runs:/", "models:/")):
@@ -301,5 +317,5 @@ def write_card(run_or_model: str) -> str:
     text = log_card(run_id)
     client = MlflowClient()
     for version in client.search_model_versions(f"run_id = '{run_id}'"):
-        client.update_model_version(version.name, version.version, description=text)
+        client.update_model_version(version.name, version.version, description=version_description(text, run_id))
     return text

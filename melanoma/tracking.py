@@ -183,9 +183,9 @@ def register_run_model(run_id: str, name: str = REGISTERED_MODEL, alias: str | N
     run = client.get_run(run_id)  # a clear MlflowException if the run does not exist
     model_uri = run.data.tags.get("model_uri", f"runs:/{run_id}/model")
     version = mlflow.register_model(model_uri, name, tags={"run_id": run_id, **(tags or {})})
-    from melanoma.card import log_card
+    from melanoma.card import log_card, version_description
 
-    client.update_model_version(name, version.version, description=log_card(run_id))
+    client.update_model_version(name, version.version, description=version_description(log_card(run_id), run_id))
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
         log.info("registered %s version %s as @%s", name, version.version, alias)

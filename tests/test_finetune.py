@@ -151,3 +151,13 @@ def test_adapt_names_what_fine_tuning_cannot_work_with(trained_model, demo_root,
     assert main(["adapt", "--model", "models:/no-such-model@champion", "--site", "x", "--data", str(few),
                  "--finetune", "true"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_fine_tuned_member_by_member_on_its_averaged_logits():
+    torch.manual_seed(0)
+    pair = torch.nn.ModuleList([build_model("cnn", 3).eval(), build_model("cnn", 3).eval()])
+    images, labels = numbered_images(16), np.arange(16) % 2
+    tuned = tuning.finetune(pair, SPEC, images, labels, tuning.Recipe("all", 1e-2), 1, CPU)
+    assert isinstance(tuned, torch.nn.ModuleList) and len(tuned) == 2
+    for before, after in zip(pair, tuned):  # every member learned, the originals untouched
+        assert not torch.equal(before.state_dict()["features.0.0.weight"], after.state_dict()["features.0.0.weight"])

@@ -166,3 +166,14 @@ def test_registering_and_evaluating_update_the_card(trained_runs, demo_root, mon
     description = client.get_model_version("card-test", version.version).description
     assert "evaluated: clinic" in description and "finds" in description
     assert "evaluated: clinic" in write_card(f"models:/card-test/{version.version}")
+
+
+def test_a_long_card_fits_a_registered_versions_description():
+    from melanoma.card import MAX_DESCRIPTION, version_description
+
+    card = "# Card\n\n" + "".join(f"## Section {i}\n\n" + "words " * 150 + "\n\n" for i in range(12))
+    short = version_description(card, "abc123")
+    assert len(card) > MAX_DESCRIPTION >= len(short)
+    assert short.rstrip().endswith("The card continues in the artifact `model_card.md` of run `abc123`.*")
+    assert "## Section 0" in short and "## Section 11" not in short  # cut at a section, not mid-sentence
+    assert version_description("# A short card\n", "abc123") == "# A short card\n"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from melanoma import metric_names as names
 from melanoma import tracking
-from melanoma.card import CARD_FILE, CARD_HTML_FILE
+from melanoma.card import CARD_FILE, CARD_HTML_FILE, version_description
 from melanoma.classifier.calibration import fit_calibration
 from melanoma.classifier.decision import ThresholdRule
 from melanoma.classifier.engine import checked_engine
@@ -363,7 +363,8 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     model_uri = tracking.log_classifier(model.cpu(), base.names, spec, chosen, rule, example_bytes, calibration, graph,
                                         site_settings, scope)
     mlflow.set_tag("site_model_uri", model_uri)
-    card_text = (trained_card(settings.model) + "\n\n" + section).strip()
+    trained = trained_card(settings.model)
+    card_text = (trained + "\n\n" + section).strip()
     mlflow.log_text(card_text, CARD_FILE)  # the page (melanoma app) shows the card of the model's run
     mlflow.log_text(markdown.markdown(card_text, extensions=["tables"]), CARD_HTML_FILE)
     summary = {"site": settings.site, "threshold": chosen, "threshold_reason": reason, "model_uri": model_uri,
@@ -373,7 +374,8 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                         "finetune_epochs": tuning.epochs, "crossfit_auc_before": tuning.auc_before,
                         "crossfit_auc_after": tuning.auc_after, "crossfit_auc_gain_ci": list(tuning.gain_interval)})
     if settings.register:
-        summary["registered"] = register_site_version(settings, model_uri, card_text)
+        # The version's description leads with the site's section: a long card is cut at its end.
+        summary["registered"] = register_site_version(settings, model_uri, (section + "\n\n" + trained).strip())
     return summary
 
 
@@ -387,13 +389,15 @@ def trained_card(model_uri: str) -> str:
         return ""
 
 
-def register_site_version(settings: AdaptSettings, model_uri: str, card_text: str) -> str:
-    """The site's model as a new version of the registered model, alias ``site-<NAME>``, its
-    description the adapted model's card followed by the site's section."""
+def register_site_version(settings: AdaptSettings, model_uri: str, description: str) -> str:
+    """The site's model as a new version of the registered model, alias ``site-<NAME>``, with
+    ``description`` (the site's section, then the adapted model's card)."""
     client = MlflowClient()
     version = mlflow.register_model(model_uri, settings.registered_model,
                                     tags={"site": settings.site, "adapted_from": settings.model})
-    client.update_model_version(settings.registered_model, version.version, description=card_text)
+    run_id = mlflow.active_run().info.run_id
+    client.update_model_version(settings.registered_model, version.version,
+                                description=version_description(description, run_id))
     client.set_registered_model_alias(settings.registered_model, f"site-{settings.site}", version.version)
     log.info("registered %s version %s as @site-%s", settings.registered_model, version.version, settings.site)
     return f"models:/{settings.registered_model}@site-{settings.site}"
