@@ -31,6 +31,7 @@ from experiments.heldout import child_inputs, children
 from melanoma.classifier.calibration import fit_calibration
 from melanoma.classifier.inference import Scorer, predict_logits, select_device
 from melanoma.data.records import DataError
+from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions, classification_metrics
 from melanoma.finetune import finetune, finetune_for_site, parse_recipes
 from melanoma.workflows.adapt import site_operating_point
@@ -130,8 +131,6 @@ def main() -> None:
                             continue
                         site, rest = draw_site(groups, size, np.random.default_rng(1000 * draw + size))
                         if share and fit_replay is None:
-                            from melanoma.data.training_data import load_data
-
                             data = load_data(cfg, model.spec)
                             fit_replay = (np.asarray(data.data.images[data.fit_idx]), data.data.labels[data.fit_idx])
                         try:
