@@ -46,7 +46,7 @@ from melanoma.data.layout import discover
 from melanoma.data.records import Source
 from melanoma.memory import glibc_mallopt, recycle_freed_memory
 from melanoma.servers import model_server, post_images
-from melanoma.train import grad_scaler, make_batch, sample_weights, train_step
+from melanoma.train import grad_scaler, make_batch, sample_weights, train_step, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def time_training(model_name: str, images: np.ndarray, labels: np.ndarray, spec:
     def step() -> None:
         idx = torch.randint(len(images_t), (batch,), generator=generator)
         x, y = make_batch(images_t[idx], labels_t[idx], spec, "full", generator, device)
-        train_step(model, optimizer, scaler, x if channels_last else x.contiguous(), y, weights[idx].to(device), device)
+        train_step(model, optimizer, scaler, x if channels_last else x.contiguous(), y,
+                   weighted_mean(weights[idx].to(device)), device)
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 REGISTERED_MODEL = "melanoma-classifier"
 DEFAULT_ALIAS = "champion"
 AUGMENTATIONS = ("none", "flip", "color", "style", "full")
-BALANCES = ("class", "source")
+BALANCES = ("class", "source", "dro")
 OPTIMIZERS = ("adamw", "adam")
 PRUNERS = ("median", "none")
 OBJECTIVES = ("val_auc", "crossval_mean_auc", "crossval_worst_auc")
@@ -38,7 +38,7 @@ class TrainConfig:
     data: str = "demo"  # datasets, comma-separated: Kaggle-layout folders or zips, metadata folders, "demo"
     label_map: str = "mel:malignant,nv:benign"  # metadata layout: diagnosis -> class; others left out
     holdout_source: str = ""  # train without this source and report on it (leave-one-source-out)
-    balance: str = "class"  # class | source: each class (or each source x class cell) weighs the same
+    balance: str = "class"  # class | source | dro: each class (or each source x class cell) weighs the same; dro: group DRO over the sources
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3  # the classifier head's; the backbone's is lr * backbone_lr_factor

@@ -25,6 +25,8 @@ CROSSVAL_HELDOUT = "heldout_{}_"  # a source held out by cross-source validation
 CROSSVAL_QUOTED = "crossval_heldout_{}_"  # the same figures, quoted in the final model's run for its card
 RULE = "{}_rule_"  # a threshold rule's figures within a held-out source's
 FORGETTING = "forgetting_{}_"  # a training source's validation photos, before and after a site's fine-tuning
+TRAIN_LOSS_SOURCE = "train_loss_{}"  # one training source's loss over an epoch (step = epoch)
+DRO_WEIGHT = "dro_weight_{}"  # its weight in group DRO at the epoch's end (balance=dro)
 SCOPE = "scope_{}_"  # the in-scope check on one set of photos (val, a held-out source, generated_noise, ...)
 
 

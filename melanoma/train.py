@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from melanoma import metric_names as names
 from melanoma.classifier.calibration import Calibration
 from melanoma.classifier.inference import amp_dtype, autocast, predict_logits, to_model_input
 from melanoma.classifier.models import classifier_head
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 CheckpointCallback = Callable[[dict], None]
+DRO_STEP = 0.01  # group DRO's step for the sources' weights, the value of Sagawa et al. (2020)
 
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
@@ -144,6 +146,68 @@ def sample_weights(labels: np.ndarray, sources: np.ndarray | None = None) -> tor
     return torch.tensor(len(cells) / (len(counts) * counts[cell]), dtype=torch.float32)
 
 
+def weighted_mean(weights: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch loss as the ``weights``-weighted mean of the per-image losses."""
+    return lambda losses: (losses * weights).sum() / weights.sum()
+
+
+class SourceObjective:
+    """The batch loss from per-image losses, and each training source's loss over the epoch.
+
+    With ``dro`` it is group DRO over the sources (Sagawa et al. 2020, "Distributionally robust
+    neural networks"): each source keeps a weight that grows with exp(``step`` x its loss), and the
+    batch loss is the weighted mean of the sources' losses, so the source the model fits worst
+    steers training. Otherwise it is the weighted mean over the batch. Within a source each image
+    keeps its ``sample_weights`` weight (``balance=dro`` balances the classes inside each source).
+    """
+
+    def __init__(self, sources: np.ndarray, image_weights: torch.Tensor, dro: bool, step: float = DRO_STEP):
+        self.names, codes = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+        self.codes = torch.from_numpy(codes.astype(np.int64))
+        self.image_weights, self.dro, self.step = image_weights, dro, step
+        self.source_weights = torch.full((len(self.names),), 1 / len(self.names), dtype=torch.float64)
+        self.loss_sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.weight_sums = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def for_batch(self, idx: torch.Tensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The loss function of the batch of images ``idx``."""
+        groups, weights = self.codes[idx].to(device), self.image_weights[idx].to(device)
+
+        def batch_loss(losses: torch.Tensor) -> torch.Tensor:
+            sums = torch.zeros(len(self.names), device=device).index_add(0, groups, losses * weights)
+            totals = torch.zeros(len(self.names), device=device).index_add(0, groups, weights)
+            self.loss_sums += sums.detach().double().cpu()
+            self.weight_sums += totals.double().cpu()
+            if not self.dro:
+                return sums.sum() / totals.sum()
+            present = (totals > 0).cpu()
+            source_losses = sums / totals.clamp_min(torch.finfo(totals.dtype).tiny)
+            updated = self.source_weights * torch.exp(self.step * source_losses.detach().double().cpu() * present)
+            self.source_weights = updated / updated.sum()
+            q = (self.source_weights * present).to(device, torch.float32)
+            return (q * source_losses).sum() / q.sum()
+        return batch_loss
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Each source's mean training loss since the last call (and its DRO weight); nothing for
+        a single source, whose loss is ``train_loss``."""
+        metrics = {}
+        if len(self.names) > 1:
+            losses = self.loss_sums / self.weight_sums.clamp_min(torch.finfo(torch.float64).tiny)
+            metrics = {names.TRAIN_LOSS_SOURCE.format(n): float(v) for n, v in zip(self.names, losses)}
+            if self.dro:
+                metrics |= {names.DRO_WEIGHT.format(n): float(q) for n, q in zip(self.names, self.source_weights)}
+        self.loss_sums.zero_()
+        self.weight_sums.zero_()
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"source_weights": self.source_weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source_weights = state["source_weights"].clone()
+
+
 def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec, augment_mode: str,
                generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A uint8 batch -> augmented, normalised model input and labels on ``device``.
@@ -155,14 +219,14 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec,
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
-               y: torch.Tensor, weights: torch.Tensor | None, device: torch.device,
+               y: torch.Tensor, batch_loss: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device,
                label_smoothing: float = 0.0) -> tuple[float, torch.Tensor]:
-    """One optimisation step (loss: the ``weights``-weighted mean over the batch, one weight per
-    image); returns the loss and the (detached) logits."""
+    """One optimisation step (loss: ``batch_loss`` of the per-image losses, their mean without
+    it); returns the loss and the (detached) logits."""
     with autocast(device):
         logits = model(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=label_smoothing)
-        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
+        loss = losses.mean() if batch_loss is None else batch_loss(losses)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -227,8 +291,8 @@ class FitResult:
     stopped_early: bool = False
 
 
-def train_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                spec: PreprocessSpec, device: torch.device, desc: str) -> tuple[float, float]:
+def train_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, spec: PreprocessSpec,
+                device: torch.device, desc: str) -> tuple[float, float]:
     """One shuffled pass over uint8 ``images``, stepping the scheduler (and the EMA) per batch;
     returns the mean loss and accuracy on the augmented batches."""
     cfg = state.cfg
@@ -239,8 +303,8 @@ def train_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor
     for start in bar:
         idx = order[start:start + cfg.batch_size]
         x, y = make_batch(images[idx], labels[idx], spec, cfg.augment, state.generator, device)
-        loss, logits = train_step(state.model, state.optimizer, state.scaler, x, y, weights[idx].to(device), device,
-                                  cfg.label_smoothing)
+        loss, logits = train_step(state.model, state.optimizer, state.scaler, x, y,
+                                  state.objective.for_batch(idx, device), device, cfg.label_smoothing)
         state.scheduler.step()
         if state.ema is not None:
             state.ema.update_parameters(state.model)
@@ -252,12 +316,14 @@ def train_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor
 
 class TrainingState:
     """Everything the loop carries from epoch to epoch: the model, optimiser, schedule, loss
-    scaler, weight EMA, the batch generator's RNG, early-stopping bookkeeping and history. Saved
+    scaler, weight EMA, the sources' DRO weights, the batch generator's RNG, early-stopping
+    bookkeeping and history. Saved
     and restored as one state dict (as torchvision's references and timm keep theirs), so a
     resumed run repeats the uninterrupted one exactly."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
+                 objective: SourceObjective):
+        self.model, self.cfg, self.objective = model, cfg, objective
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
             cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
@@ -286,6 +352,7 @@ class TrainingState:
         return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "objective": self.objective.state_dict(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "initial": self.initial, "best_epoch": self.result.best_epoch,
@@ -299,6 +366,7 @@ class TrainingState:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        self.objective.load_state_dict(state["objective"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
@@ -338,7 +406,8 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     (loaded into ``model`` at the end), stop after ``patience`` epochs without improvement.
 
     Each image's loss weight balances the classes (``balance=class``) or the source x class
-    cells (``balance=source``, with ``train_sources``). ``on_epoch_end(epoch, metrics)`` may
+    cells (``balance=source``, with ``train_sources``); ``balance=dro`` adds group DRO over the
+    sources (``SourceObjective``). Each source's training loss is in the epoch's metrics. ``on_epoch_end(epoch, metrics)`` may
     raise to stop (e.g. pruning). After each epoch ``on_checkpoint`` gets the whole
     ``TrainingState.state_dict()``; ``fit(..., resume=state)`` continues from it exactly.
     """
@@ -346,9 +415,11 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
     model.to(device).to(memory_format=torch.channels_last)
     images = torch.from_numpy(np.ascontiguousarray(train_images))
     labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    weights = sample_weights(train_labels, train_sources if cfg.balance == "source" else None)
+    sources = np.zeros(len(train_labels), dtype=int) if train_sources is None else train_sources
+    weights = sample_weights(train_labels, sources if cfg.balance in ("source", "dro") else None)
+    objective = SourceObjective(sources, weights, dro=cfg.balance == "dro")
     val_weights = class_weights(np.asarray(train_labels))
-    state = TrainingState(model, cfg, math.ceil(len(images) / cfg.batch_size), device)
+    state = TrainingState(model, cfg, math.ceil(len(images) / cfg.batch_size), device, objective)
     if resume is not None:
         state.load_state_dict(resume)
         log.info("resuming after epoch %d of %d", state.epoch, cfg.epochs)
@@ -357,13 +428,12 @@ def fit(model: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, va
             start = time.perf_counter()
             set_backbone_trainable(model, epoch > cfg.freeze_epochs)
             current_lr = max(g["lr"] for g in state.optimizer.param_groups)
-            train_loss, train_accuracy = train_epoch(state, images, labels, weights, spec, device,
-                                                     f"epoch {epoch}/{cfg.epochs}")
+            train_loss, train_accuracy = train_epoch(state, images, labels, spec, device, f"epoch {epoch}/{cfg.epochs}")
             train_seconds = time.perf_counter() - start
             val = validate_epoch(state.evaluated, val_images, val_labels, val_weights, spec, device)
             metrics = {"val_auc": val.pop("val_auc"),  # the objective first: the MLflow UI plots the first metric first
                        "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, **val,
-                       "lr": current_lr, "train_images_per_s": len(images) / train_seconds,
+                       **state.objective.epoch_metrics(), "lr": current_lr, "train_images_per_s": len(images) / train_seconds,
                        "epoch_seconds": time.perf_counter() - start}
             state.record(epoch, metrics)
             log.info("epoch %d: train_loss %.4f val_accuracy %.4f val_auc %.4f (%.0f img/s)", epoch, train_loss,

@@ -21,6 +21,7 @@ from melanoma.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+QUALITY = TrainConfig(model="efficientnet_lite2", img_size=160, epochs=4, tta="flip")  # MLproject's quality recipe
 
 
 def mlflow_default(value):
@@ -30,6 +31,7 @@ def mlflow_default(value):
 
 @pytest.mark.parametrize("entry, settings, extra", [
     ("main", (TrainConfig(),), {"resume"}),
+    ("quality", (QUALITY,), {"resume"}),
     ("search", (TrainConfig(), SearchSettings()), set()),
     ("crossval", (TrainConfig(), CrossvalSettings()), set()),
     ("adapt", (AdaptSettings(),), set()),
@@ -137,7 +139,7 @@ def test_settings_params_round_trip_through_the_commands_parsers(settings):
 
 
 @pytest.mark.parametrize("entry, settings", [
-    ("main", TrainConfig()), ("search", SearchSettings()), ("crossval", CrossvalSettings()),
+    ("main", TrainConfig()), ("quality", QUALITY), ("search", SearchSettings()), ("crossval", CrossvalSettings()),
     ("adapt", AdaptSettings()), ("ensemble", EnsembleSettings())])
 def test_settings_params_are_what_mlflow_run_logs_for_the_defaults(entry, settings):
     from mlflow.projects import _project_spec

@@ -61,6 +61,19 @@ def test_copies_count_as_the_collection_named_later(sources):
     assert any("copy_" in p for p in load_datasets(f"{isic},{pooled}", SPEC).paths)
 
 
+def test_copies_across_four_datasets_count_once_as_the_collection_named_later(sources, tmp_path):
+    pooled = make_demo_dataset(tmp_path / "pooled", per_class=10, seed=3, size=64)
+    plant_copies(pooled, sources["isic"], 4)
+    patients = write_metadata_dataset(tmp_path / "isic2020", lesions=10, seed=7, lesions_per_patient=2)
+    for image in sorted((patients / "images").glob("ISIC_70010.jpg")) + sorted((patients / "images").glob("ISIC_70030.jpg")):
+        copy = cv2.resize(cv2.imread(str(image)), (90, 90), interpolation=cv2.INTER_AREA)  # two of its melanomas
+        cv2.imwrite(str(pooled / "train" / "malignant" / f"copy_{image.name}"), copy, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    data = load_datasets(f"{pooled},{sources['isic']},{sources['ham']},{patients}", SPEC)
+    assert data.copies_removed == 6 and not any("copy_" in p for p in data.paths)
+    counts = {s: int(np.sum(data.sources == s)) for s in ("pooled", "isic", "ham", "isic2020")}
+    assert counts == {"pooled": 20 + 4, "isic": 24, "ham": 20, "isic2020": 20}  # every photo once, under its collection
+
+
 def test_holding_out_a_collection_removes_its_copies_elsewhere(sources):
     cfg = TrainConfig(model="cnn", data=f"{sources['pooled']},{sources['isic']}", img_size=32,
                       holdout_source="isic", crop_lesion=True)

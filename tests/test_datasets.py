@@ -24,23 +24,28 @@ SPEC = PreprocessSpec(img_size=32, channels=3, color_constancy=False)
 
 
 def write_metadata_dataset(root: Path, lesions: int = 12, photos: int = 2, seed: int = 0,
-                           extra_rows: list[dict] | None = None, size: tuple[int, int] = (80, 60)) -> Path:
+                           extra_rows: list[dict] | None = None, size: tuple[int, int] = (80, 60),
+                           lesions_per_patient: int = 0, last_dx: str = "bkl") -> Path:
     """HAM10000's layout: images/<image_id>.jpg (4:3) and a CSV with lesion_id, image_id, dx;
-    ``photos`` per lesion, half the lesions mel, half nv, and one bkl (left out by default)."""
+    ``photos`` per lesion, half the lesions mel, half nv, and one ``last_dx`` (bkl: left out by
+    default). With ``lesions_per_patient`` a patient_id column too, as ISIC 2020's: each patient
+    has that many consecutive lesions, so of both classes."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     rows = []
     for lesion in range(lesions + 1):
-        dx = "bkl" if lesion == lesions else ("mel" if lesion % 2 else "nv")
+        dx = last_dx if lesion == lesions else ("mel" if lesion % 2 else "nv")
         base = synthetic_lesion(rng, malignant=dx == "mel", size=96)
         for k in range(photos):
             image_id = f"ISIC_{seed}{lesion:03d}{k}"
             photo = cv2.resize(np.roll(base, 3 * k, axis=1), size)
             cv2.imwrite(str(root / "images" / f"{image_id}.jpg"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
             rows.append({"lesion_id": f"HAM_{seed}{lesion:04d}", "image_id": image_id, "dx": dx})
+            if lesions_per_patient:
+                rows[-1]["patient_id"] = f"IP_{seed}{lesion // lesions_per_patient:04d}"
     rows += extra_rows or []
     with open(root / "HAM10000_metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["lesion_id", "image_id", "dx"])
+        writer = csv.DictWriter(f, fieldnames=["lesion_id", "image_id", "dx"] + ["patient_id"] * bool(lesions_per_patient))
         writer.writeheader()
         writer.writerows(rows)
     return root
@@ -66,6 +71,32 @@ def test_a_lesions_photos_stay_on_one_side_of_the_split(ham):
         fit, val = split_train_val(data, 0.3, seed)
         assert not set(data.groups[fit]) & set(data.groups[val])
         assert set(data.labels[val]) == {0, 1}
+
+
+def test_a_patients_photos_stay_on_one_side_of_the_split(tmp_path):
+    root = write_metadata_dataset(tmp_path / "isic2020", lesions=24, lesions_per_patient=3)
+    data = prepare_dataset(root, SPEC, use_cache=False)
+    assert len(set(data.groups)) == 8  # grouped by patient, not by lesion
+    patient = {Path(p).stem: g for p, g in zip(data.paths, data.groups)}
+    assert patient["ISIC_00000"] == patient["ISIC_00020"] != patient["ISIC_00030"]  # lesions 0 and 2, not 3
+    for seed in range(5):
+        fit, val = split_train_val(data, 0.3, seed)
+        assert not set(data.groups[fit]) & set(data.groups[val])
+
+
+def test_unknown_diagnoses_are_left_out_and_counted_unless_the_label_map_names_them(tmp_path, caplog):
+    root = write_metadata_dataset(tmp_path / "isic2020", lesions=8, last_dx="unknown", lesions_per_patient=2)
+    data = prepare_dataset(root, SPEC, use_cache=False)
+    assert len(data.labels) == 16 and "'unknown': 2" in caplog.text
+    named = prepare_dataset(root, SPEC, use_cache=False, label_map="mel:malignant,nv:benign,unknown:benign")
+    assert len(named.labels) == 18 and (named.labels == 0).sum() == 10
+
+
+def test_a_label_map_that_maps_nothing_in_a_dataset_names_the_dataset(tmp_path, ham):
+    only_unknown = write_metadata_dataset(tmp_path / "followed_up", lesions=0, last_dx="unknown")
+    with pytest.raises(DataError, match=r"followed_up: the label map 'mel:malignant,nv:benign' maps none of its "
+                                        r"diagnoses \({'unknown': 2}"):
+        load_datasets(f"{ham},{only_unknown}", SPEC)
 
 
 def test_copies_are_found_across_sizes_and_aspect_ratios(ham, tmp_path):
@@ -123,6 +154,22 @@ def test_source_balancing_gives_every_source_and_class_the_same_weight():
             cell = (sources == source) & (labels == label)
             assert weights[cell].sum() == pytest.approx(len(labels) / 4)
     np.testing.assert_allclose(sample_weights(labels).numpy()[labels == 1].sum(), len(labels) / 2)
+
+
+def test_group_dro_trains_on_generated_sources_and_logs_each_sources_loss(ham, demo_root):
+    cfg = TrainConfig(model="cnn", data=f"{demo_root},{ham}", epochs=2, img_size=32, batch_size=16, gradcam_images=0,
+                      bootstrap=0, balance="dro")
+    with mlflow.start_run() as run:
+        run_training(cfg)
+    client = MlflowClient()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    sources = ("ham", demo_root.name)
+    for source in sources:
+        history = client.get_metric_history(run.info.run_id, f"train_loss_{source}")
+        assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+    weights = [metrics[f"dro_weight_{source}"] for source in sources]
+    assert sum(weights) == pytest.approx(1) and weights[0] != pytest.approx(0.5)
+    assert client.get_run(run.info.run_id).data.params["balance"] == "dro"
 
 
 def test_the_audit_shows_the_source_by_class_table_and_the_confound(ham, tmp_path):

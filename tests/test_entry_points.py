@@ -10,6 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from melanoma.classifier.logged import load_logged_model
 from melanoma.config import TrainConfig
 from melanoma.data.demo import make_demo_dataset
 from melanoma.workflows.training import run_training
@@ -30,8 +31,20 @@ def runs_of(experiment: str) -> list:
 
 
 def test_every_entry_point_has_an_mlflow_run_test():
-    tested = {"main", "search"} | {"crossval", "ensemble", "adapt"}  # test_end_to_end.py, and this file
+    tested = {"main", "search"} | {"quality", "crossval", "ensemble", "adapt"}  # test_end_to_end.py, and this file
     assert entry_points() == tested
+
+
+def test_mlflow_run_quality_trains_the_quality_recipe(tmp_path):
+    data = make_demo_dataset(tmp_path / "clinic", per_class=12, seed=1, size=48)
+    mlflow_run(tmp_path, "quality", {"data": str(data), "epochs": 1, "bootstrap": 50, "gradcam_images": 1})
+    (run,) = runs_of("e2e")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["model"], params["img_size"], params["tta"]) == ("efficientnet_lite2", "160", "flip")
+    assert params["epochs"] == "1" and params["balance"] == "class"  # main's parameters, still settable
+    served = load_logged_model(f"runs:/{run.info.run_id}/model")
+    assert served.spec.img_size == 160 and served.tta == "flip"
 
 
 def test_mlflow_run_crossval_holds_out_each_source_and_trains_the_final_model(tmp_path):

@@ -11,6 +11,7 @@ from melanoma.config import TrainConfig
 from melanoma.data.dataset import prepare_dataset, split_train_val
 from melanoma.memory import GLIBC_MALLOPT_DEFAULTS, M_MMAP_MAX, M_TRIM_THRESHOLD, recycle_freed_memory
 from melanoma.train import (
+    SourceObjective,
     augment,
     class_weights,
     fit,
@@ -147,6 +148,41 @@ def test_mixed_precision_choice(monkeypatch):
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     assert inference.amp_dtype(torch.device("cpu")) is None
     assert not train.grad_scaler(torch.device("cpu")).is_enabled()
+
+
+def test_the_source_objective_is_the_weighted_mean_and_reports_each_sources_loss():
+    sources = np.array(["a", "a", "b", "b"])
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    objective = SourceObjective(sources, weights, dro=False)
+    losses = torch.tensor([1.0, 2.0, 4.0, 6.0])
+    loss = objective.for_batch(torch.arange(4), torch.device("cpu"))(losses)
+    assert loss.item() == pytest.approx((1 + 6 + 4 + 6) / 6)
+    assert objective.epoch_metrics() == pytest.approx({"train_loss_a": 7 / 4, "train_loss_b": 5.0})
+    assert objective.epoch_metrics() == {"train_loss_a": 0.0, "train_loss_b": 0.0}  # counted afresh each epoch
+    assert SourceObjective(np.zeros(4), weights, dro=False).epoch_metrics() == {}  # one source: train_loss says it
+
+
+def test_group_dro_moves_weight_to_the_source_with_the_higher_loss():
+    sources = np.array(["a", "a", "b", "b"])
+    objective = SourceObjective(sources, torch.ones(4), dro=True, step=0.5)
+    losses = torch.tensor([0.2, 0.2, 1.0, 1.0], requires_grad=True)
+    for _ in range(3):
+        loss = objective.for_batch(torch.arange(4), torch.device("cpu"))(losses)
+    q_b = objective.source_weights[1].item()
+    assert q_b == pytest.approx(1 / (1 + np.exp(-3 * 0.5 * 0.8)))  # exp(step x loss) per batch, normalised
+    assert loss.item() == pytest.approx((1 - q_b) * 0.2 + q_b * 1.0)
+    loss.backward()  # the gradient follows the weights: source b's photos pull harder
+    assert losses.grad[2].item() == pytest.approx(q_b / 2) and losses.grad[0].item() == pytest.approx((1 - q_b) / 2)
+    metrics = objective.epoch_metrics()
+    assert metrics["dro_weight_b"] == pytest.approx(q_b) and metrics["train_loss_b"] == pytest.approx(1.0)
+    # A batch without source a moves only b's weight (a's follows by normalising).
+    before = objective.source_weights.clone()
+    objective.for_batch(torch.tensor([2, 3]), torch.device("cpu"))(losses[2:].detach())
+    after = objective.source_weights
+    assert after[1] / after[0] == pytest.approx(before[1] / before[0] * np.exp(0.5 * 1.0))
+    resumed = SourceObjective(sources, torch.ones(4), dro=True)
+    resumed.load_state_dict(objective.state_dict())
+    torch.testing.assert_close(resumed.source_weights, objective.source_weights)
 
 
 def test_a_loss_scaled_step_updates_like_an_unscaled_one():

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LABEL_MAP = "mel:malignant,nv:benign"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-GROUP_COLUMNS = ("lesion_id", "patient_id")
+GROUP_COLUMNS = ("patient_id", "lesion_id")  # the patient first: a patient's lesions stay together too
 SOURCE_COLUMNS = ("source", "dataset", "site", "attribution")
 REQUIRED = ("image_id", "dx")
 
@@ -57,7 +57,7 @@ def find_metadata_csv(source: Source, files: list[str]) -> str | None:
 
 def discover_metadata(source: Source, files: list[str], csv_rel: str, label_map: str,
                       split: str = "train") -> list[ImageRecord]:
-    """The labelled images the CSV names, each with its lesion (or patient) group and source."""
+    """The labelled images the CSV names, each with its patient (or lesion) group and source."""
     mapping = parse_label_map(label_map)
     text = source.read(csv_rel).decode("utf-8-sig", errors="replace")
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -94,6 +94,10 @@ def discover_metadata(source: Source, files: list[str], csv_rel: str, label_map:
     if unlisted:
         log.warning("%s: %d image files have no row in the metadata and are not used (e.g. %s)", where,
                     len(unlisted), ", ".join(unlisted[:3]))
+    if not records and left_out and not missing:
+        raise DataError(f"{source.location.stem}: the label map {label_map or DEFAULT_LABEL_MAP!r} maps none of its "
+                        f"diagnoses ({dict(left_out)} in {where}); name them as diagnosis:benign or "
+                        "diagnosis:malignant")
     if not records:
         raise DataError(f"{where}: no labelled images ({len(rows)} rows, {len(missing)} without an image file, "
                         f"left out: {dict(left_out)})")
