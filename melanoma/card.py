@@ -139,7 +139,8 @@ def card_markdown(run, evaluations: list) -> str:
         "",
         "## Preprocessing",
         f"{p.get('img_size')} px square, {'RGB' if p.get('channels') == '3' else 'grayscale'}, lesion crop "
-        f"{p.get('crop_lesion')} (margin {p.get('crop_margin', '0.2')} of the lesion's size), "
+        f"{p.get('crop_lesion')} ({p.get('crop_method', 'largest')} dark blob, margin {p.get('crop_margin', '0.2')} "
+        "of the lesion's size), "
         f"colour constancy {p.get('color_constancy')}, corner mask {p.get('mask_corners')}; "
         "the same function in training and serving.",
         "",

@@ -63,6 +63,7 @@ class TrainConfig:
     mask_corners: bool = False  # black out everything outside the inscribed circle
     crop_lesion: bool = True  # cut each image to the dark blob in its centre (the lesion) first
     crop_margin: float = 0.2  # skin kept on each side of that blob, as a fraction of its size
+    crop_method: str = "largest"  # largest: the largest dark blob; central: by area and nearness to the centre, marker ink left out
     target_sensitivity: float = 0.90  # the operating point is chosen on validation for this
     tta: str = "none"  # test-time views averaged in evaluation and serving: none | flip | dihedral
     calibration: str = "temperature"  # temperature | isotonic | none: fitted on validation, served
@@ -119,6 +120,10 @@ class TrainConfig:
             raise SettingsError("wise_alpha < 1 mixes pretrained weights back in: it needs a model with pretrained weights")
         if not 0 <= self.crop_margin <= 2:
             raise SettingsError(f"crop_margin must be in [0, 2] (a fraction of the lesion's size), got {self.crop_margin}")
+        from melanoma.classifier.preprocessing import CROP_METHODS
+
+        if self.crop_method not in CROP_METHODS:
+            raise SettingsError(f"crop_method must be one of {CROP_METHODS}, got {self.crop_method!r}")
         if self.split_seed < -1:
             raise SettingsError(f"split_seed must be -1 (follow seed) or a seed, got {self.split_seed}")
         if not 0 < self.val_fraction < 1:
@@ -134,7 +139,7 @@ class TrainConfig:
         mean, std = input_normalization(self.model, self.pretrained)
         return PreprocessSpec(img_size=self.img_size, channels=self.channels, color_constancy=self.color_constancy,
                               mask_corners=self.mask_corners, crop_lesion=self.crop_lesion, crop_margin=self.crop_margin,
-                              rgb_mean=mean, rgb_std=std)
+                              crop_method=self.crop_method, rgb_mean=mean, rgb_std=std)
 
     @property
     def validation_seed(self) -> int:
@@ -267,7 +272,8 @@ class EnsembleSettings:
 
 # What runs logged before a setting existed were trained with (the behaviour before it), kept
 # apart from today's defaults: changing a default never changes how an old run is read.
-LEGACY_SETTINGS = {"split_seed": -1, "holdout_source": "", "balance": "class", "crop_margin": 0.2, "tta": "none",
+LEGACY_SETTINGS = {"split_seed": -1, "holdout_source": "", "balance": "class", "crop_margin": 0.2,
+                   "crop_method": "largest", "tta": "none",
                    "calibration": "none", "backbone_lr_factor": 1.0, "freeze_epochs": 0, "label_smoothing": 0.0,
                    "drop_path": 0.0, "ema": 0.0, "wise_alpha": 1.0, "warmup_epochs": 0.0, "weight_decay": 0.0,
                    "optimizer": "adam", "crop_lesion": False, "mask_corners": False, "color_constancy": False,

@@ -145,6 +145,21 @@ def test_lesion_box_ignores_a_dark_vignette_and_keeps_a_third_at_least():
     assert abs(x - 100) <= 2 and abs(y - 100) <= 2  # centred on the lesion, not pulled to the dark rim
 
 
+def test_the_central_crop_is_not_fooled_by_marker_ink_or_a_ruler():
+    image = skin_with_lesion(300, 400, centre=(200, 150), radius=22)
+    cv2.rectangle(image, (60, 60), (150, 120), (110, 60, 170), thickness=-1)  # a surgeon's purple ink mark
+    cv2.rectangle(image, (120, 235), (300, 245), (20, 20, 20), thickness=-1)  # a ruler's dark edge, near the rim
+    x, y, w, h = lesion_box(image, method="largest")
+    assert x + w < 200  # the largest dark blob is the ink mark, left of the lesion
+    x, y, w, h = lesion_box(image, method="central")
+    assert x <= 200 - 22 and x + w >= 200 + 22 and y <= 150 - 22 and y + h >= 150 + 22
+    assert w <= 400 / 2  # framed on the lesion alone
+    assert lesion_box(skin_with_lesion(300, 400, centre=(230, 160), radius=30), method="central") == \
+        lesion_box(skin_with_lesion(300, 400, centre=(230, 160), radius=30))  # one clear lesion: the same box
+    with pytest.raises(ValueError, match="crop_method must be one of"):
+        lesion_box(image, method="nearest")
+
+
 def test_lesion_box_without_a_blob_is_the_whole_image():
     assert lesion_box(np.full((120, 90, 3), 200, np.uint8)) == (0, 0, 90, 120)
 

@@ -56,6 +56,7 @@ class PreprocessSpec:
     mask_corners: bool = False
     crop_lesion: bool = True
     crop_margin: float = 0.2  # skin kept on each side of the lesion, as a fraction of its size
+    crop_method: str = "largest"  # which dark blob is the lesion: see lesion_box
     rgb_mean: tuple[float, ...] = IMAGENET_MEAN  # the RGB statistics the model's weights expect
     rgb_std: tuple[float, ...] = IMAGENET_STD
 
@@ -86,9 +87,12 @@ class PreprocessSpec:
 
 
 # What models logged before a setting existed were preprocessed with: no lesion crop, its margin
-# 0.2 once the crop existed, no colour constancy or corner mask, ImageNet statistics.
+# 0.2 and the largest blob once the crop existed, no colour constancy or corner mask, ImageNet statistics.
 LEGACY_PREPROCESS = {"color_constancy": False, "mask_corners": False, "crop_lesion": False, "crop_margin": 0.2,
-                     "rgb_mean": IMAGENET_MEAN, "rgb_std": IMAGENET_STD}
+                     "crop_method": "largest", "rgb_mean": IMAGENET_MEAN, "rgb_std": IMAGENET_STD}
+CROP_METHODS = ("largest", "central")
+INK_BLUE_EXCESS = 20  # a pixel this much bluer than red (0-255) is marker ink or a sticker: skin and lesions are not
+CENTRAL_REACH = 0.3  # "central": a blob this far from the centre (a fraction of the image) counts 1/e of its area
 
 
 def image_dimensions(data: bytes) -> tuple[int, int]:
@@ -152,29 +156,44 @@ def mask_outside_circle(image: np.ndarray) -> np.ndarray:
     return image * mask[..., None]
 
 
-def lesion_box(image: np.ndarray, margin: float = PreprocessSpec.crop_margin,
-               min_fraction: float = 1 / 3) -> tuple[int, int, int, int]:
+def lesion_box(image: np.ndarray, margin: float = PreprocessSpec.crop_margin, min_fraction: float = 1 / 3,
+               method: str = PreprocessSpec.crop_method) -> tuple[int, int, int, int]:
     """(x, y, width, height) of a crop around the lesion, with the image's aspect ratio.
 
-    The lesion is the largest blob darker than the skin (Otsu's threshold on a blurred grayscale
-    copy, searched inside the central ellipse so a dark vignette does not count). The crop
-    spans the same fraction of the width and of the height, at least ``min_fraction``, so it is
-    squashed to a square exactly as the whole image would be. Without a blob, the whole image.
+    The lesion is a blob darker than the skin (Otsu's threshold on a blurred grayscale copy,
+    searched inside the central ellipse so a dark vignette does not count): with ``largest``
+    the largest blob; with ``central`` the blob of the largest area x exp(-(distance from the
+    centre / CENTRAL_REACH)^2), after leaving out marker ink and stickers (bluer than red), so a
+    surgeon's ink mark or a ruler at the edge is not taken for the lesion. The crop spans the
+    same fraction of the width and of the height, at least ``min_fraction``, so it is squashed to
+    a square exactly as the whole image would be. Without a blob, the whole image.
     """
+    if method not in CROP_METHODS:
+        raise ValueError(f"crop_method must be one of {CROP_METHODS}, got {method!r}")
     h, w = image.shape[:2]
     scale = 128 / max(h, w)
-    small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (max(1, round(w * scale)), max(1, round(h * scale))),
-                       interpolation=cv2.INTER_AREA)
-    small = cv2.GaussianBlur(small, (0, 0), 2)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.GaussianBlur(cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA),
+                             (0, 0), 2)
     sh, sw = small.shape
     yy, xx = np.mgrid[:sh, :sw]
-    inside = ((yy - (sh - 1) / 2) / (0.45 * sh)) ** 2 + ((xx - (sw - 1) / 2) / (0.45 * sw)) ** 2 <= 1
-    threshold, _ = cv2.threshold(small[inside].reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    dark = ((small < threshold) & inside).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(dark)
+    candidates = ((yy - (sh - 1) / 2) / (0.45 * sh)) ** 2 + ((xx - (sw - 1) / 2) / (0.45 * sw)) ** 2 <= 1
+    if method == "central":
+        blurred = cv2.GaussianBlur(cv2.resize(image, size, interpolation=cv2.INTER_AREA), (0, 0), 2).astype(np.int16)
+        ink = (blurred[..., 2] - blurred[..., 0] > INK_BLUE_EXCESS).astype(np.uint8)
+        candidates &= cv2.dilate(ink, np.ones((5, 5), np.uint8)) == 0
+    if not candidates.any():
+        return 0, 0, w, h
+    threshold, _ = cv2.threshold(small[candidates].reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    dark = ((small < threshold) & candidates).astype(np.uint8)
+    count, _, stats, centroids = cv2.connectedComponentsWithStats(dark)
     if count < 2:
         return 0, 0, w, h
-    bx, by, bw, bh, _ = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))]
+    score = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    if method == "central":
+        distance = np.hypot(centroids[1:, 0] / sw - 0.5, centroids[1:, 1] / sh - 0.5)
+        score *= np.exp(-(distance / CENTRAL_REACH) ** 2)
+    bx, by, bw, bh, _ = stats[1 + int(np.argmax(score))]
     fraction = float(np.clip(max(bw / sw, bh / sh) * (1 + 2 * margin), min_fraction, 1.0))
     cw, ch = round(w * fraction), round(h * fraction)
     cx, cy = (bx + bw / 2) / scale, (by + bh / 2) / scale
@@ -189,7 +208,7 @@ def model_region(image: np.ndarray, spec: PreprocessSpec) -> Region:
     if not spec.crop_lesion:
         return Region(0.0, 0.0, 1.0, 1.0)
     h, w = image.shape[:2]
-    x, y, bw, bh = lesion_box(image, margin=spec.crop_margin)
+    x, y, bw, bh = lesion_box(image, margin=spec.crop_margin, method=spec.crop_method)
     return Region(x / w, y / h, (x + bw) / w, (y + bh) / h)
 
 
