@@ -1,11 +1,16 @@
 """Re-scoring the held-out sources of finished cross-source validations, without retraining.
 
     python -m experiments.heldout views --runs CROSSVAL_ID [CROSSVAL_ID ...] [--views none,flip] --out docs/crossval_views_cpu.json
+    python -m experiments.heldout rules --runs CROSSVAL_ID --out docs/crossval4_rules_cpu.json
     python -m experiments.heldout sites --runs CROSSVAL_ID [--adabn_photos 200 --adabn_draws 3] --out docs/site_adaptation_cpu.json
 
 ``views``: each crossval run's held-out children scored with each test-time augmentation, and
 (with several runs, validated on one split) every combination of them as an ensemble; per source the AUC and what the
 validation and crossval threshold rules give (``melanoma.workflows.crossval``).
+
+``rules``: the threshold rules on each held-out source of one crossval run: the validation rule,
+the crossval rule (the mean of the other sources' needed shares of validation melanomas) and the
+strictest one (their maximum), each source's share chosen without it.
 
 ``sites``: each held-out source treated as a new clinic that adopts the model trained without
 it (``melanoma adapt``): N labelled site photos drawn at random (many draws), the site's
@@ -31,9 +36,9 @@ from melanoma.classifier.inference import TTA_VIEWS, Scorer
 from melanoma.classifier.logged import load_logged_model
 from melanoma.config import parse_params
 from melanoma.data.training_data import load_data
-from melanoma.evaluate import Predictions, classification_metrics
+from melanoma.evaluate import Predictions, classification_metrics, threshold_for_sensitivity
 from melanoma.workflows.adapt import adapt_batchnorm, site_operating_point
-from melanoma.workflows.crossval import rule_results
+from melanoma.workflows.crossval import needed_shares, rule_results
 from melanoma.workflows.training import TrainingReport
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,31 @@ def screen_views(run_ids: list[str], views: list[str]) -> dict:
     return results
 
 
+def screen_rules(run_id: str) -> dict:
+    """Each held-out source's sensitivity and specificity under three threshold rules, the
+    travelling shares computed from the other sources only."""
+    reports, target = {}, 0.9
+    for source, child in children(run_id).items():
+        classifier, cfg, inputs = child_inputs(child)
+        pair = (logits(classifier.network, classifier.spec, "none", inputs["val"][0]),
+                logits(classifier.network, classifier.spec, "none", inputs["held"][0]))
+        reports[source], target = report_of(*pair, inputs, cfg.calibration), cfg.target_sensitivity
+    needed = needed_shares(reports, target)
+    results = {"target": target, "needed_shares": needed, "sources": {}}
+    for source, report in reports.items():
+        others = [share for other, share in needed.items() if other != source]
+        shares = {"validation": target, "crossval_mean": float(np.mean(others)), "crossval_max": float(np.max(others))}
+        rows = {}
+        for rule, share in shares.items():
+            threshold = threshold_for_sensitivity(report.val.labels, report.val.probs, share)
+            m = classification_metrics(report.holdout.labels, report.holdout.probs, threshold)
+            rows[rule] = {"validation_sensitivity": share, "sensitivity": m["sensitivity"],
+                          "specificity": m["specificity"]}
+        results["sources"][source] = rows
+        log.info("%s: %s", source, rows)
+    return results
+
+
 def site_draws(site: Predictions, sizes: tuple[int, ...], draws: int, target: float, model_threshold: float,
                min_melanomas: int, seed: int = 0) -> dict:
     """N labelled photos of a site drawn at random, its threshold chosen on them (the adapt
@@ -195,7 +225,7 @@ def screen_sites(run_id: str, sizes=(50, 100, 200, 400), draws: int = 200, adabn
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("views", "sites"))
+    parser.add_argument("mode", choices=("views", "rules", "sites"))
     parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--views", default="none,flip", help=f"test-time views to screen, of {', '.join(TTA_VIEWS)}")
@@ -206,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.mode == "views":
         results = screen_views(args.runs, args.views.split(","))
+    elif args.mode == "rules":
+        results = screen_rules(args.runs[0])
     else:
         results = screen_sites(args.runs[0], draws=args.draws, adabn_photos=args.adabn_photos,
                                adabn_draws=args.adabn_draws)
