@@ -33,7 +33,7 @@ from melanoma.classifier.inference import Scorer, predict_logits, select_device
 from melanoma.data.records import DataError
 from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions, classification_metrics
-from melanoma.finetune import finetune, finetune_for_site, parse_recipes
+from melanoma.finetune import finetune, finetune_for_site, fold_models, parse_recipes
 from melanoma.workflows.adapt import site_operating_point
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,25 @@ def adapt_and_judge(model, images, labels, groups, site, rest, val, args, seed: 
     threshold = site_operating_point(Predictions(labels[site], site_probs, groups[site]), args.target, 0).threshold
     at_threshold = classification_metrics(labels[rest], served_rest, threshold)
     val_images, val_labels = val
-    return {"site_photos": int(len(site)), "site_melanomas": int(labels[site].sum()), "rest_photos": int(len(rest)),
+    # The threshold's own models: the fold models averaged, beside the model fine-tuned on all
+    # photos, both at the threshold the out-of-fold scores give (in every draw, guard or not).
+    start = time.perf_counter()
+    folds = fold_models(model.network, model.spec, images[site], labels[site], groups[site], tuning.recipe,
+                        tuning.epochs, args.folds, device, seed, replay, replay_share)
+    fold_minutes = (time.perf_counter() - start) / 60
+    oof = fit_calibration("temperature", tuning.oof_logits, labels[site])
+    oof_threshold = site_operating_point(Predictions(labels[site], oof.probabilities(tuning.oof_logits),
+                                                     groups[site]), args.target, 0).threshold
+    arms = {}
+    for arm, network in (("all", tuned), ("folds", folds)):
+        rest_probs = oof.probabilities(predict_logits(Scorer(network, model.spec).to(device), images[rest], None,
+                                                      device))
+        point = classification_metrics(labels[rest], rest_probs, oof_threshold)
+        arms.update({f"{arm}_rest_auc": float(roc_auc_score(labels[rest], rest_probs)),
+                     f"{arm}_sensitivity": point["sensitivity"], f"{arm}_specificity": point["specificity"]})
+    arms["folds_val_auc"] = float(roc_auc_score(val_labels, probabilities(folds, model.spec, val_images, device)))
+    arms["fold_models_minutes"] = fold_minutes
+    return {**arms, "site_photos": int(len(site)), "site_melanomas": int(labels[site].sum()), "rest_photos": int(len(rest)),
             "recipe": str(tuning.recipe), "epochs": tuning.epochs, "accepted": tuning.accepted,
             "crossfit_auc_before": tuning.auc_before, "crossfit_auc_after": tuning.auc_after,
             "crossfit_gain": tuning.gain, "crossfit_gain_ci": list(tuning.gain_interval),

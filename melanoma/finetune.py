@@ -99,7 +99,17 @@ def finetune(network: nn.Module, spec: PreprocessSpec, images: np.ndarray, label
     """A copy of ``network`` fine-tuned on uint8 ``images`` (flips, class-weighted loss,
     AdamW at a constant rate). With ``replay`` (images and labels of the training sources),
     ``replay_share`` of every batch comes from them. ``on_epoch(epoch, scorer)`` sees the model
-    after each epoch, in eval mode. An ensemble trains on its averaged logits."""
+    after each epoch, in eval mode. An ensemble trains on its averaged logits. The seed fixes
+    everything random (order, flips, dropout), so a run can be repeated (exactly on the CPU)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout's draws, without touching the caller's
+        torch.manual_seed(seed)
+        return _finetune(network, spec, images, labels, recipe, epochs, device, seed, batch_size, replay,
+                         replay_share, on_epoch)
+
+
+def _finetune(network, spec, images, labels, recipe, epochs, device, seed, batch_size, replay, replay_share,
+              on_epoch) -> nn.Module:
     tuned = copy.deepcopy(network).to(device).float()
     scorer = Scorer(tuned, spec).to(device)
     for p in tuned.parameters():
@@ -174,6 +184,22 @@ def cross_fit(network: nn.Module, spec: PreprocessSpec, images: np.ndarray, labe
             finetune(network, spec, images[train], labels[train], recipe, epochs, device, seed + fold, replay=replay,
                      replay_share=replay_share, on_epoch=score)
     return CrossFit(labels, groups, base, tuned, {str(r): r for r in recipes})
+
+
+def fold_models(network: nn.Module, spec: PreprocessSpec, images: np.ndarray, labels: np.ndarray,
+                groups: np.ndarray, recipe: Recipe, epochs: int, folds: int, device: torch.device, seed: int = 0,
+                replay: tuple[np.ndarray, np.ndarray] | None = None, replay_share: float = 0.0) -> nn.ModuleList:
+    """The models ``cross_fit`` fine-tuned for ``recipe`` and ``epochs``, fine-tuned again (the same
+    folds and seeds), as one ensemble: each member (each base member, for an ensemble) as it was
+    when its out-of-fold photos were scored."""
+    pairs = site_folds(np.asarray(labels), np.asarray(groups), folds, seed)
+    members = []
+    for fold, (train, _) in enumerate(pairs):
+        log.info("fold model %d/%d, %s for %d epochs", fold + 1, len(pairs), recipe, epochs)
+        tuned = finetune(network, spec, images[train], labels[train], recipe, epochs, device, seed + fold,
+                         replay=replay, replay_share=replay_share)
+        members += list(tuned) if isinstance(tuned, nn.ModuleList) else [tuned]
+    return nn.ModuleList(members).eval()
 
 
 def auc_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarray, groups: np.ndarray,

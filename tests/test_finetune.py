@@ -97,6 +97,21 @@ def test_fine_tuning_changes_only_what_its_recipe_names():
     assert not torch.equal(everything.state_dict()["features.0.0.weight"], network.state_dict()["features.0.0.weight"])
 
 
+def test_the_fold_models_are_the_models_that_scored_their_held_out_photos():
+    """Averaged, they are what the out-of-fold scores (and so the site's threshold) describe."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
+    labels, groups = np.arange(24) % 2, np.arange(24) // 2
+    network = build_model("cnn", 3).eval()  # with dropout: its draws are seeded too
+    recipe = tuning.Recipe("all", 1e-3)
+    crossfit = tuning.cross_fit(network, SPEC, images, labels, groups, [recipe], epochs=2, folds=3, device=CPU)
+    members = tuning.fold_models(network, SPEC, images, labels, groups, recipe, 2, 3, CPU)
+    assert len(members) == 3
+    for member, (_, held) in zip(members, tuning.site_folds(labels, groups, 3, 0)):
+        again = tuning.predict_logits(tuning.Scorer(member, SPEC), images[held], None, CPU)
+        torch.testing.assert_close(again, crossfit.tuned[(str(recipe), 2)][held])
+
+
 @pytest.fixture
 def trained_model(trained_runs, monkeypatch) -> str:
     trained_runs.activate(monkeypatch)
