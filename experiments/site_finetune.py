@@ -11,7 +11,8 @@ cross-fitted, the best chosen out of fold, the guard, calibration and threshold 
 out-of-fold scores). The rest of the source, patients the adaptation never saw, is the truth:
 AUC before and after, the cross-fitted gain beside the gain measured there, sensitivity and
 specificity at the served threshold, and the AUC on the child's own validation photos
-(forgetting). With ``--replay`` the largest N also runs with that share of training photos
+(forgetting), for both site models (``SITE_MODELS``: the fold models averaged, one model
+fine-tuned on all photos) in every draw, and for what adapt serves (``--site_model``). With ``--replay`` the largest N also runs with that share of training photos
 replayed in each batch.
 """
 
@@ -33,7 +34,7 @@ from melanoma.classifier.inference import Scorer, predict_logits, select_device
 from melanoma.data.records import DataError
 from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions, classification_metrics
-from melanoma.finetune import finetune, finetune_for_site, fold_models, parse_recipes
+from melanoma.finetune import SITE_MODELS, finetune, finetune_for_site, fold_models, parse_recipes
 from melanoma.workflows.adapt import site_operating_point
 
 log = logging.getLogger(__name__)
@@ -64,55 +65,46 @@ def adapt_and_judge(model, images, labels, groups, site, rest, val, args, seed: 
     start = time.perf_counter()
     tuning = finetune_for_site(model.network, model.spec, images[site], labels[site], groups[site],
                                parse_recipes(args.recipes), args.epochs, args.folds, device, seed, args.bootstrap,
-                               replay, replay_share)
-    minutes = (time.perf_counter() - start) / 60
-    tuned = tuning.network or finetune(model.network, model.spec, images[site], labels[site], tuning.recipe,
-                                       tuning.epochs, device, seed, replay=replay, replay_share=replay_share)
-    before_rest = model.calibration.probabilities(predict_logits(model.scorer("none"), images[rest], None, device))
-    after_rest = probabilities(tuned, model.spec, images[rest], device)
-    # What adapt serves: the fine-tuned model (guard passed) or the model with the site's threshold.
-    if tuning.accepted:
-        calibration = fit_calibration("temperature", tuning.oof_logits, labels[site])
-        site_probs = calibration.probabilities(tuning.oof_logits)
-        served_rest = calibration.probabilities(predict_logits(Scorer(tuned, model.spec).to(device), images[rest],
-                                                               None, device))
-    else:
-        site_probs = model.calibration.probabilities(predict_logits(model.scorer("none"), images[site], None, device))
-        served_rest = before_rest
-    threshold = site_operating_point(Predictions(labels[site], site_probs, groups[site]), args.target, 0).threshold
-    at_threshold = classification_metrics(labels[rest], served_rest, threshold)
-    val_images, val_labels = val
-    # The threshold's own models: the fold models averaged, beside the model fine-tuned on all
-    # photos, both at the threshold the out-of-fold scores give (in every draw, guard or not).
-    start = time.perf_counter()
-    folds = fold_models(model.network, model.spec, images[site], labels[site], groups[site], tuning.recipe,
-                        tuning.epochs, args.folds, device, seed, replay, replay_share)
-    fold_minutes = (time.perf_counter() - start) / 60
+                               replay, replay_share, args.site_model)
+    minutes = (time.perf_counter() - start) / 60  # what adapt --finetune spends (without logging)
+    # Both site models in every draw, whatever the guard said, at the out-of-fold threshold.
+    networks = {"all": lambda: finetune(model.network, model.spec, images[site], labels[site], tuning.recipe,
+                                        tuning.epochs, device, seed, replay=replay, replay_share=replay_share),
+                "folds": lambda: fold_models(model.network, model.spec, images[site], labels[site], groups[site],
+                                             tuning.recipe, tuning.epochs, args.folds, device, seed, replay,
+                                             replay_share)}
     oof = fit_calibration("temperature", tuning.oof_logits, labels[site])
     oof_threshold = site_operating_point(Predictions(labels[site], oof.probabilities(tuning.oof_logits),
                                                      groups[site]), args.target, 0).threshold
-    arms = {}
-    for arm, network in (("all", tuned), ("folds", folds)):
+    before_rest = model.calibration.probabilities(predict_logits(model.scorer("none"), images[rest], None, device))
+    val_images, val_labels = val
+    row = {"site_model": args.site_model, "site_photos": int(len(site)), "site_melanomas": int(labels[site].sum()),
+           "rest_photos": int(len(rest)), "recipe": str(tuning.recipe), "epochs": tuning.epochs,
+           "accepted": tuning.accepted, "crossfit_auc_before": tuning.auc_before, "crossfit_auc_after": tuning.auc_after,
+           "crossfit_gain": tuning.gain, "crossfit_gain_ci": list(tuning.gain_interval),
+           "rest_auc_before": float(roc_auc_score(labels[rest], before_rest)),
+           "val_auc_before": float(roc_auc_score(val_labels, probabilities(model.network, model.spec, val_images,
+                                                                            device))), "minutes": minutes}
+    for arm, build in networks.items():
+        network = tuning.network if tuning.accepted and arm == tuning.site_model else build()
         rest_probs = oof.probabilities(predict_logits(Scorer(network, model.spec).to(device), images[rest], None,
                                                       device))
         point = classification_metrics(labels[rest], rest_probs, oof_threshold)
-        arms.update({f"{arm}_rest_auc": float(roc_auc_score(labels[rest], rest_probs)),
-                     f"{arm}_sensitivity": point["sensitivity"], f"{arm}_specificity": point["specificity"]})
-    arms["folds_val_auc"] = float(roc_auc_score(val_labels, probabilities(folds, model.spec, val_images, device)))
-    arms["fold_models_minutes"] = fold_minutes
-    return {**arms, "site_photos": int(len(site)), "site_melanomas": int(labels[site].sum()), "rest_photos": int(len(rest)),
-            "recipe": str(tuning.recipe), "epochs": tuning.epochs, "accepted": tuning.accepted,
-            "crossfit_auc_before": tuning.auc_before, "crossfit_auc_after": tuning.auc_after,
-            "crossfit_gain": tuning.gain, "crossfit_gain_ci": list(tuning.gain_interval),
-            "rest_auc_before": float(roc_auc_score(labels[rest], before_rest)),
-            "rest_auc_finetuned": float(roc_auc_score(labels[rest], after_rest)),
-            "rest_gain": float(roc_auc_score(labels[rest], after_rest) - roc_auc_score(labels[rest], before_rest)),
-            "rest_auc_served": float(roc_auc_score(labels[rest], served_rest)),
-            "served_sensitivity": at_threshold["sensitivity"], "served_specificity": at_threshold["specificity"],
-            "val_auc_before": float(roc_auc_score(val_labels, probabilities(model.network, model.spec, val_images,
-                                                                             device))),
-            "val_auc_finetuned": float(roc_auc_score(val_labels, probabilities(tuned, model.spec, val_images, device))),
-            "minutes": minutes}
+        row.update({f"{arm}_rest_auc": float(roc_auc_score(labels[rest], rest_probs)),
+                    f"{arm}_sensitivity": point["sensitivity"], f"{arm}_specificity": point["specificity"],
+                    f"{arm}_val_auc": float(roc_auc_score(val_labels, probabilities(network, model.spec, val_images,
+                                                                                    device)))})
+    row["rest_gain"] = row[f"{args.site_model}_rest_auc"] - row["rest_auc_before"]  # the estimate's truth
+    # What adapt serves: the site model (guard passed) or the model at the site's threshold.
+    if tuning.accepted:
+        served = {k: row[f"{args.site_model}_{k}"] for k in ("rest_auc", "sensitivity", "specificity")}
+    else:
+        site_probs = model.calibration.probabilities(predict_logits(model.scorer("none"), images[site], None, device))
+        threshold = site_operating_point(Predictions(labels[site], site_probs, groups[site]), args.target, 0).threshold
+        point = classification_metrics(labels[rest], before_rest, threshold)
+        served = {"rest_auc": row["rest_auc_before"], "sensitivity": point["sensitivity"],
+                  "specificity": point["specificity"]}
+    return {**row, **{f"served_{k}": v for k, v in served.items()}}
 
 
 def main() -> None:
@@ -125,6 +117,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--site_model", choices=SITE_MODELS, default="folds", help="what adapt serves")
     parser.add_argument("--replay", type=float, default=0.0, help="also the largest N with this replay share")
     parser.add_argument("--sources", default="", help="only these held-out sources (comma-separated)")
     parser.add_argument("--out", type=Path, required=True)

@@ -209,6 +209,7 @@ class AdaptSettings:
     finetune_epochs: int = 5  # at most; the out-of-fold AUC after each epoch chooses how many
     folds: int = 5  # cross-fitting folds (a patient's or lesion's photos in one)
     replay: float = 0.0  # share of each fine-tuning batch drawn from the training sources' photos (against forgetting)
+    site_model: str = "folds"  # served once fine-tuned: the fold models averaged (folds), or one model on all photos (all)
     registered_model: str = REGISTERED_MODEL
     register: bool = True  # register the site version (alias site-<site>)
     bootstrap: int = 1000
@@ -229,9 +230,11 @@ class AdaptSettings:
         if self.bootstrap < 0 or self.min_melanomas < 1:
             raise SettingsError("bootstrap must not be negative and min_melanomas must be positive")
         if self.finetune:
-            from melanoma.finetune import parse_recipes
+            from melanoma.finetune import SITE_MODELS, parse_recipes
 
             parse_recipes(self.recipes)
+            if self.site_model not in SITE_MODELS:
+                raise SettingsError(f"site_model must be one of {SITE_MODELS}, got {self.site_model!r}")
             if self.bootstrap < 100:
                 raise SettingsError(f"finetune judges its gain by a bootstrap interval: bootstrap must be at least "
                                     f"100, got {self.bootstrap}")

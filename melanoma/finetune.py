@@ -4,7 +4,8 @@ A site's photos are split into folds that keep a patient's (or lesion's) photos 
 each fold the model is fine-tuned on the others and scores it, after every epoch. The
 out-of-fold scores are scores of photos the scoring model never trained on: they choose the
 recipe and the number of epochs, estimate the gain over the base model with a bootstrap
-interval, and give the site's calibration and threshold. Pure library code: no MLflow.
+interval, and give the site's calibration and threshold. What the site serves is, by default,
+those very fold models averaged. Pure library code: no MLflow.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from melanoma.train import augment, class_weights
 log = logging.getLogger(__name__)
 
 LAYERS = ("all", "head")
+# What a site version serves once fine-tuning is accepted: "folds", the cross-fitting's fold
+# models averaged (the models whose out-of-fold scores set the site's calibration and threshold,
+# one forward pass each), or "all", one model fine-tuned on all the photos (one pass; its scores
+# are on another scale than the ones its threshold was chosen on: docs/results.md).
+SITE_MODELS = ("folds", "all")
 MIN_PER_FOLD = 2  # melanomas and benign photos each fold must hold at least
 
 
@@ -226,7 +232,7 @@ def auc_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarray,
 class SiteFinetuning:
     """What fine-tuning on a site's photos gave: the chosen recipe and epochs, the cross-fitted
     AUC before and after with the gain's interval, whether the gain is clearly positive, and
-    (when it is) the model fine-tuned on all the photos, with the out-of-fold logits its
+    (when it is) the site's network (``SITE_MODELS``), with the out-of-fold logits its
     calibration and threshold are to be chosen on."""
 
     recipe: Recipe
@@ -236,7 +242,8 @@ class SiteFinetuning:
     gain_interval: tuple[float, float]
     oof_logits: torch.Tensor
     crossfit: CrossFit
-    network: nn.Module | None  # None: the gain is not clearly positive, nothing was fine-tuned on all photos
+    network: nn.Module | None  # None: the gain is not clearly positive, nothing is served fine-tuned
+    site_model: str = "folds"
 
     @property
     def accepted(self) -> bool:
@@ -250,9 +257,11 @@ class SiteFinetuning:
 def finetune_for_site(network: nn.Module, spec: PreprocessSpec, images: np.ndarray, labels: np.ndarray,
                       groups: np.ndarray, recipes: list[Recipe], epochs: int, folds: int, device: torch.device,
                       seed: int = 0, resamples: int = 1000, replay: tuple[np.ndarray, np.ndarray] | None = None,
-                      replay_share: float = 0.0) -> SiteFinetuning:
-    """Cross-fit every recipe, choose the best (recipe, epochs) by out-of-fold AUC, and fine-tune
-    on all the site's photos only when the gain's interval lies above zero (the guard)."""
+                      replay_share: float = 0.0, site_model: str = "folds") -> SiteFinetuning:
+    """Cross-fit every recipe, choose the best (recipe, epochs) by out-of-fold AUC, and build the
+    site's network (``site_model``) only when the gain's interval lies above zero (the guard)."""
+    if site_model not in SITE_MODELS:
+        raise SettingsError(f"site_model must be one of {SITE_MODELS}, got {site_model!r}")
     crossfit = cross_fit(network, spec, images, labels, groups, recipes, epochs, folds, device, seed, replay,
                          replay_share)
     recipe, chosen_epochs = crossfit.best()
@@ -261,8 +270,11 @@ def finetune_for_site(network: nn.Module, spec: PreprocessSpec, images: np.ndarr
     after = torch.softmax(crossfit.tuned[key].float(), 1)[:, 1].numpy()
     interval = auc_gain_interval(crossfit.labels, before, after, crossfit.groups, resamples, seed)
     tuned = None
-    if interval[0] > 0:
+    if interval[0] > 0 and site_model == "folds":
+        tuned = fold_models(network, spec, images, labels, groups, recipe, chosen_epochs, folds, device, seed, replay,
+                            replay_share)
+    elif interval[0] > 0:
         tuned = finetune(network, spec, images, labels, recipe, chosen_epochs, device, seed, replay=replay,
                          replay_share=replay_share)
     return SiteFinetuning(recipe, chosen_epochs, crossfit.auc(), crossfit.auc(key), interval, crossfit.tuned[key],
-                          crossfit, tuned)
+                          crossfit, tuned, site_model)

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from melanoma import finetune as tuning
+from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.models import build_model
 from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.cli import main
@@ -112,6 +113,22 @@ def test_the_fold_models_are_the_models_that_scored_their_held_out_photos():
         torch.testing.assert_close(again, crossfit.tuned[(str(recipe), 2)][held])
 
 
+def test_the_site_model_is_the_fold_models_averaged_or_one_model_on_all_photos():
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = (rng.integers(0, 60, (40, 3, 32, 32)) + 150 * labels[:, None, None, None]).astype(np.uint8)
+    torch.manual_seed(0)
+    network = build_model("cnn", 3).eval()
+    recipe = [tuning.Recipe("all", 1e-3)]
+    folds = tuning.finetune_for_site(network, SPEC, images, labels, np.arange(40), recipe, 2, 3, CPU, resamples=200)
+    assert folds.accepted and isinstance(folds.network, torch.nn.ModuleList) and len(folds.network) == 3
+    one = tuning.finetune_for_site(network, SPEC, images, labels, np.arange(40), recipe, 2, 3, CPU, resamples=200,
+                                   site_model="all")
+    assert one.accepted and not isinstance(one.network, torch.nn.ModuleList)
+    with pytest.raises(SettingsError, match="site_model must be one of"):
+        AdaptSettings(model="m", site="s", data="d", finetune=True, site_model="every").validate()
+
+
 @pytest.fixture
 def trained_model(trained_runs, monkeypatch) -> str:
     trained_runs.activate(monkeypatch)
@@ -145,13 +162,19 @@ def test_a_fine_tuned_site_version_logs_registers_serves_and_states_its_settings
     version = MlflowClient().get_model_version_by_alias("finetune-test", "site-clinic-b")
     assert "### Fine-tuning on the site's photos" in version.description
     assert "Chosen: `all:0.003`" in version.description and "| training source" in version.description
+    assert "averages the 3 fold models" in version.description
     served = mlflow.pyfunc.load_model(summary["registered"])
     model = served.unwrap_python_model().model
     assert model.settings["site"]["finetuned"]["recipe"] == "all:0.003"
+    assert model.settings["site"]["finetuned"]["site_model"] == "folds" and len(model.members) == 3
     assert model.rule.name == "site", summary["threshold_reason"]
-    jpeg = next((demo_root / "test" / "malignant").glob("*.jpg")).read_bytes()  # a benign lesion at this site
-    answer = served.predict(pd.DataFrame({"image": [base64.b64encode(jpeg).decode()]}))
-    assert answer["malignant_probability"][0] < model.threshold and answer["label"][0] == "benign"
+    photos = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode()
+                                     for f in sorted((demo_root / "test").glob("*/*.jpg"))]})
+    answers = served.predict(photos)
+    base_answers = mlflow.pyfunc.load_model(trained_model).predict(photos)
+    assert not np.allclose(answers["malignant_probability"], base_answers["malignant_probability"], atol=1e-3)
+    expected = np.where(answers["malignant_probability"] >= model.threshold, "malignant", "benign")
+    assert list(answers["label"]) == list(expected)  # at the site's threshold
 
 
 def test_adapt_names_what_fine_tuning_cannot_work_with(trained_model, demo_root, tmp_path, capsys):

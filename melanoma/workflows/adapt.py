@@ -198,7 +198,8 @@ def site_finetuning(settings: AdaptSettings, network: nn.Module, spec: Preproces
         raise SettingsError(f"replay needs the training photos of {settings.model}, which cannot be loaded here")
     tuning = finetune_for_site(network, spec, np.asarray(site.images), site.labels, np.asarray(site.groups),
                                parse_recipes(settings.recipes), settings.finetune_epochs, settings.folds, device,
-                               settings.seed, settings.bootstrap, replay and replay[:2], settings.replay)
+                               settings.seed, settings.bootstrap, replay and replay[:2], settings.replay,
+                               settings.site_model)
     for (recipe, epoch), _ in tuning.crossfit.tuned.items():
         mlflow.log_metric(names.finetune_recipe(recipe), tuning.crossfit.auc((recipe, epoch)), step=epoch)
     low, high = tuning.gain_interval
@@ -266,8 +267,13 @@ def finetune_section(settings: AdaptSettings, tuning, forgetting: dict[str, dict
     if not tuning.accepted:
         return "\n".join(lines + ["**Not fine-tuned**: the gain's interval reaches zero, so this version keeps the "
                                   "model's weights and adapts its threshold alone.", ""])
-    lines += [f"This version was fine-tuned on all {photos} photos with that recipe; its calibration and threshold "
-              "come from the out-of-fold scores.", ""]
+    if tuning.site_model == "folds":
+        lines += [f"This version averages the {settings.folds} fold models of the cross-fitting (each fine-tuned on "
+                  f"the other folds' photos with that recipe): the models whose out-of-fold scores give its "
+                  "calibration and threshold.", ""]
+    else:
+        lines += [f"This version was fine-tuned on all {photos} photos with that recipe; its calibration and "
+                  "threshold come from the out-of-fold scores of the fold models.", ""]
     if forgetting:
         lines += ["| training source (validation photos) | AUC before | AUC after |", "|---|---|---|",
                   *[f"| {s} | {v['base']:.3f} | {v['site']:.3f} |" for s, v in forgetting.items()], ""]
@@ -301,13 +307,15 @@ def run_adaptation(settings: AdaptSettings) -> dict:
 
     local = log_set("site", names.SITE, labels, logits, base.calibration, base.threshold, groups,
                     settings.bootstrap, settings.seed)
-    calibration = base.calibration
+    calibration, member_names = base.calibration, base.names
     tuning, forgetting = None, {}
     if settings.finetune:
         tuning = site_finetuning(settings, model, spec, site, device)
         if tuning.accepted:
             forgetting = measure_forgetting(settings.model, model, tuning.network, spec, device)
             model, scope = tuning.network, None  # new features: the training photos' check no longer holds
+            if tuning.site_model == "folds":
+                member_names = base.names * settings.folds
             engine, graph, _ = checked_engine(Scorer(model, spec, base.tta), np.asarray(site.images[:256]), device)
             # The site model's calibration and threshold come from scores of photos the scoring
             # model never trained on: the cross-fitted ones of the chosen recipe.
@@ -358,9 +366,10 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                               "adabn_depth": settings.adabn_depth,
                               "finetuned": None if tuning is None or not tuning.accepted else {
                                   "recipe": str(tuning.recipe), "epochs": tuning.epochs, "folds": settings.folds,
+                                  "site_model": tuning.site_model,
                                   "replay": settings.replay, "crossfit_auc_gain": tuning.gain}}}
     example_bytes = read_file(site.source, site.paths[0])
-    model_uri = tracking.log_classifier(model.cpu(), base.names, spec, chosen, rule, example_bytes, calibration, graph,
+    model_uri = tracking.log_classifier(model.cpu(), member_names, spec, chosen, rule, example_bytes, calibration, graph,
                                         site_settings, scope)
     mlflow.set_tag("site_model_uri", model_uri)
     trained = trained_card(settings.model)
@@ -371,7 +380,8 @@ def run_adaptation(settings: AdaptSettings) -> dict:
                **{f"site_{k}": v for k, v in local.items() if k in ("auc", "sensitivity", "specificity", "count")}}
     if tuning is not None:
         summary.update({"finetuned": tuning.accepted, "finetune_recipe": str(tuning.recipe),
-                        "finetune_epochs": tuning.epochs, "crossfit_auc_before": tuning.auc_before,
+                        "finetune_epochs": tuning.epochs, "site_model": tuning.site_model,
+                        "crossfit_auc_before": tuning.auc_before,
                         "crossfit_auc_after": tuning.auc_after, "crossfit_auc_gain_ci": list(tuning.gain_interval)})
     if settings.register:
         # The version's description leads with the site's section: a long card is cut at its end.

@@ -1,0 +1,152 @@
+"""Can the in-scope check learn from pictures a user says are out of scope, and does it travel?
+
+    python -m experiments.learned_scope --runs CROSSVAL_ID --out-of-scope ../shared/data/out_of_scope_dev \
+        --out docs/learned_scope_cpu.json
+
+For each child of a finished cross-source validation (a model trained without one source), the
+shipped check (the distance of the stage statistics to the training photos') is set beside
+checks that also learn a boundary: a logistic regression on the same statistics, training
+photos against out-of-scope pictures. Two sets of such pictures: generated ones alone (what
+every training run can make), and generated ones plus the non-dermoscopic skin photos of every
+clinic but one (what a user could supply), judged on the clinic left out. Every check is
+thresholded at 99 % of the validation photos in scope; "either" flags a photo that the distance
+or the classifier flags, each at 99.5 %. Judged on the clinic left out, the source the child
+never saw (which must stay in scope), everyday photos and generated pictures it did not learn
+from (another seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from experiments.heldout import children
+from experiments.scope_check import everyday_photos
+from melanoma.classifier.inference import scope_features, select_device
+from melanoma.classifier.logged import load_logged_model
+from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
+from melanoma.classifier.scope import IN_SCOPE_SHARE, fit_scope, threshold_for_share
+from melanoma.config import parse_params
+from melanoma.data.out_of_scope import generated_pictures
+from melanoma.data.training_data import load_data
+
+log = logging.getLogger(__name__)
+FIT_PHOTOS = 2000
+HELD_PHOTOS = 800
+
+
+def clinic_photos(folder: Path, spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The folder's photos as model inputs, with each one's clinic and kind (images.csv)."""
+    images, clinics, kinds = [], [], []
+    with (folder / "images.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                images.append(preprocess(decode_for_model((folder / row["file"]).read_bytes(), spec), spec))
+            except InvalidImageError:
+                continue
+            clinics.append(row["attribution"])
+            kinds.append(row["image_type"])
+    return np.stack(images), np.array(clinics), np.array(kinds)
+
+
+def generated(spec, photos: list[np.ndarray], seed: int) -> np.ndarray:
+    pictures = generated_pictures(np.random.default_rng(seed), photos, per_kind=16)
+    return np.stack([preprocess(p, spec) for kind in pictures.values() for p in kind])
+
+
+def boundary(inside: np.ndarray, outside: np.ndarray):
+    """A logistic regression on standardised statistics: larger, further out of scope."""
+    x = np.concatenate([inside, outside])
+    y = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000)).fit(x, y)
+
+
+def caught(scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, float]:
+    return {name: float(np.mean(s > thresholds[name])) for name, s in scores.items()}
+
+
+def judge(distance, classifier, val: np.ndarray, sets: dict[str, np.ndarray]) -> dict:
+    """Shares flagged per set, for the distance, the classifier and either, at 99 % in scope."""
+    def scores(features: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"distance": distance(torch.from_numpy(features)).numpy()}
+        if classifier is not None:
+            out["classifier"] = classifier.decision_function(features)
+        return out
+
+    val_scores = scores(val)
+    at_99 = {k: threshold_for_share(v, IN_SCOPE_SHARE) for k, v in val_scores.items()}
+    half = 1 - (1 - IN_SCOPE_SHARE) / 2
+    at_995 = {k: threshold_for_share(v, half) for k, v in val_scores.items()}
+    result = {}
+    for name, features in {"validation": val, **sets}.items():
+        s = scores(features)
+        row = caught(s, at_99)
+        if classifier is not None:
+            row["either"] = float(np.mean((s["distance"] > at_995["distance"]) | (s["classifier"] > at_995["classifier"])))
+        result[name] = row
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--out-of-scope", type=Path, required=True)
+    parser.add_argument("--sources", default="", help="only these held-out sources (comma-separated)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = select_device()
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    for run_id in args.runs:
+        for source, child in sorted(children(run_id).items()):
+            if (args.sources and source not in args.sources.split(",")) or any(r["source"] == source for r in rows):
+                continue
+            model = load_logged_model(f"runs:/{child}/model")
+            network, spec = model.network.to(device).eval(), model.spec
+            cfg = parse_params(mlflow.MlflowClient().get_run(child).data.params)
+            data = load_data(cfg, spec)
+            d, rng = data.data, np.random.default_rng(cfg.seed)
+            fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
+            held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
+
+            def features(images: np.ndarray, network=network, spec=spec) -> np.ndarray:
+                return scope_features(network, np.asarray(images), spec, device)
+
+            fit_x, val_x, held_x = features(d.images[fit]), features(d.images[data.val_idx]), features(d.images[held])
+            photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
+            generated_x, generated_new_x = features(generated(spec, photos, 0)), features(generated(spec, photos, 1))
+            everyday_x = features(np.stack([preprocess(p, spec) for p in everyday_photos()]))
+            skin, clinics, kinds = clinic_photos(args.out_of_scope, spec)
+            skin_x = features(skin)
+            distance = fit_scope(fit_x)
+            common = {f"held-out source ({source})": held_x, "everyday photo": everyday_x,
+                      "generated, another seed": generated_new_x}
+            row = {"source": source, "child_run": child, "fitted_on": len(fit), "checks": {}}
+            row["checks"]["distance alone"] = judge(distance, None, val_x, {**common, "skin photos, all clinics": skin_x})
+            row["checks"]["learned on generated"] = judge(distance, boundary(fit_x, generated_x), val_x,
+                                                          {**common, "skin photos, all clinics": skin_x})
+            for clinic in sorted(set(clinics)):
+                out = clinics == clinic
+                if out.sum() < 5:
+                    continue
+                learned = boundary(fit_x, np.concatenate([generated_x, skin_x[~out]]))
+                row["checks"][f"learned on generated + skin photos but {clinic}"] = judge(
+                    distance, learned, val_x, {**common, f"skin photos of {clinic} ({int(out.sum())}, "
+                                               f"{', '.join(sorted(set(kinds[out])))})": skin_x[out]})
+            rows.append(row)
+            log.info("%s", json.dumps(row)[:3000])
+            args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
