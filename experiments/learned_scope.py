@@ -4,15 +4,14 @@
         --out docs/learned_scope_cpu.json
 
 For each child of a finished cross-source validation (a model trained without one source), the
-shipped check (the distance of the stage statistics to the training photos') is set beside
-checks that also learn a boundary: a logistic regression on the same statistics, training
-photos against out-of-scope pictures. Two sets of such pictures: generated ones alone (what
-every training run can make), and generated ones plus the non-dermoscopic skin photos of every
-clinic but one (what a user could supply), judged on the clinic left out. Every check is
-thresholded at 99 % of the validation photos in scope; "either" flags a photo that the distance
-or the classifier flags, each at 99.5 %. Judged on the clinic left out, the source the child
-never saw (which must stay in scope), everyday photos and generated pictures it did not learn
-from (another seed).
+shipped check (the distance of the stage statistics to the training photos') is set beside the
+check that also learns a boundary (``learn_boundary``: a logistic regression on the same
+statistics, training photos against out-of-scope pictures). Two sets of such pictures: generated
+ones alone (what every training run can make), and generated ones plus the non-dermoscopic skin
+photos of every clinic but one (what a user could supply with ``scope_negatives``), judged on the
+clinic left out. Every check is thresholded at 99 % of the validation photos in scope, as
+training does, and judged on the source the child never saw (which must stay in scope), everyday
+photos and generated pictures it did not learn from (another seed).
 """
 
 from __future__ import annotations
@@ -26,16 +25,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from experiments.heldout import children
 from experiments.scope_check import everyday_photos
 from melanoma.classifier.inference import scope_features, select_device
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, fit_scope, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
 from melanoma.config import parse_params
 from melanoma.data.out_of_scope import generated_pictures
 from melanoma.data.training_data import load_data
@@ -64,37 +60,13 @@ def generated(spec, photos: list[np.ndarray], seed: int) -> np.ndarray:
     return np.stack([preprocess(p, spec) for kind in pictures.values() for p in kind])
 
 
-def boundary(inside: np.ndarray, outside: np.ndarray):
-    """A logistic regression on standardised statistics: larger, further out of scope."""
-    x = np.concatenate([inside, outside])
-    y = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000)).fit(x, y)
+def judge(scope: ScopeModel, val: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, float]:
+    """The share of each set flagged, at the threshold that keeps 99 % of validation in scope."""
+    def score(features: np.ndarray) -> np.ndarray:
+        return scope(torch.from_numpy(features)).numpy()
 
-
-def caught(scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, float]:
-    return {name: float(np.mean(s > thresholds[name])) for name, s in scores.items()}
-
-
-def judge(distance, classifier, val: np.ndarray, sets: dict[str, np.ndarray]) -> dict:
-    """Shares flagged per set, for the distance, the classifier and either, at 99 % in scope."""
-    def scores(features: np.ndarray) -> dict[str, np.ndarray]:
-        out = {"distance": distance(torch.from_numpy(features)).numpy()}
-        if classifier is not None:
-            out["classifier"] = classifier.decision_function(features)
-        return out
-
-    val_scores = scores(val)
-    at_99 = {k: threshold_for_share(v, IN_SCOPE_SHARE) for k, v in val_scores.items()}
-    half = 1 - (1 - IN_SCOPE_SHARE) / 2
-    at_995 = {k: threshold_for_share(v, half) for k, v in val_scores.items()}
-    result = {}
-    for name, features in {"validation": val, **sets}.items():
-        s = scores(features)
-        row = caught(s, at_99)
-        if classifier is not None:
-            row["either"] = float(np.mean((s["distance"] > at_995["distance"]) | (s["classifier"] > at_995["classifier"])))
-        result[name] = row
-    return result
+    threshold = threshold_for_share(score(val), IN_SCOPE_SHARE)
+    return {name: float(np.mean(score(f) > threshold)) for name, f in {"validation": val, **sets}.items()}
 
 
 def main() -> None:
@@ -132,17 +104,18 @@ def main() -> None:
             common = {f"held-out source ({source})": held_x, "everyday photo": everyday_x,
                       "generated, another seed": generated_new_x}
             row = {"source": source, "child_run": child, "fitted_on": len(fit), "checks": {}}
-            row["checks"]["distance alone"] = judge(distance, None, val_x, {**common, "skin photos, all clinics": skin_x})
-            row["checks"]["learned on generated"] = judge(distance, boundary(fit_x, generated_x), val_x,
-                                                          {**common, "skin photos, all clinics": skin_x})
+            skin_all = {**common, "skin photos, all clinics": skin_x}
+            row["checks"]["distance alone"] = judge(distance, val_x, skin_all)
+            row["checks"]["learned on generated"] = judge(learn_boundary(distance, fit_x, generated_x, val_x), val_x,
+                                                          skin_all)
             for clinic in sorted(set(clinics)):
                 out = clinics == clinic
                 if out.sum() < 5:
                     continue
-                learned = boundary(fit_x, np.concatenate([generated_x, skin_x[~out]]))
+                learned = learn_boundary(distance, fit_x, np.concatenate([generated_x, skin_x[~out]]), val_x)
+                left_out = f"skin photos of {clinic} ({out.sum()}, {', '.join(sorted(set(kinds[out])))})"
                 row["checks"][f"learned on generated + skin photos but {clinic}"] = judge(
-                    distance, learned, val_x, {**common, f"skin photos of {clinic} ({int(out.sum())}, "
-                                               f"{', '.join(sorted(set(kinds[out])))})": skin_x[out]})
+                    learned, val_x, {**common, left_out: skin_x[out]})
             rows.append(row)
             log.info("%s", json.dumps(row)[:3000])
             args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))

@@ -148,7 +148,7 @@ def main() -> None:
             cfg = parse_params(__import__("mlflow").MlflowClient().get_run(child).data.params)
             data = load_data(cfg, spec)
             d = data.data
-            scope = fit_scope_model(network, spec, d, data.fit_idx, device, cfg.seed)
+            scope = fit_scope_model(network, spec, d, data, device, cfg.seed)
             fit_photos = np.sort(np.random.default_rng(cfg.seed).permutation(data.fit_idx)[:5000])
             head_scope = fit_scope(penultimate(network, spec, np.asarray(d.images[fit_photos]), device))
             sets = {"validation": np.asarray(d.images[data.val_idx]),

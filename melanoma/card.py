@@ -226,10 +226,21 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
             "Every answer says whether the photo is one the model is made for: a photo whose feature statistics lie "
             f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
             f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
-            "out of scope.", "",
+            "out of scope.", "", *learned_boundary(metrics),
             "- Photos in scope: " + (", ".join(kept) or "-") + ".",
             "- Generated pictures caught: " + (", ".join(caught) or "-") + ".",
             "- Measured on real non-dermoscopic skin photos and everyday photos: docs/results.md.", ""]
+
+
+def learned_boundary(metrics: dict[str, float]) -> list[str]:
+    """The card's line on a boundary learned from supplied out-of-scope pictures, if any."""
+    supplied = metrics.get("scope_negatives_supplied")
+    if supplied is None:
+        return []
+    return [f"The check also learned a boundary from {supplied:.0f} pictures supplied as out of scope "
+            "(`scope_negatives`) and generated ones: a photo beyond the distance's or the boundary's limit is out of "
+            "scope. Pictures like the supplied ones are caught more often; how often, for kinds never supplied, only a "
+            "set the check never saw can say (docs/results.md).", ""]
 
 
 def limitations(params: dict[str, str], metrics: dict[str, float], sets: dict[str, dict[str, float]]) -> list[str]:

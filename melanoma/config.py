@@ -69,6 +69,7 @@ class TrainConfig:
     calibration: str = "temperature"  # temperature | isotonic | none: fitted on validation, served
     bootstrap: int = 1000  # resamples for the 95 % confidence intervals (0: none)
     external: str = ""  # extra evaluation-only folders, comma-separated
+    scope_negatives: str = ""  # a folder of pictures that are out of scope (e.g. skin photos without a dermoscope): the in-scope check also learns a boundary against them
     gradcam_images: int = 8
     demo_size: int = 240  # images per class in the synthetic demo set
     num_threads: int = 0  # torch CPU threads; 0 = torch's default

@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from melanoma.batch import predict_files
+from melanoma.card import CARD_FILE
 from melanoma.classifier.engine import OnnxEngine, export_onnx
 from melanoma.classifier.inference import Scorer, scope_features
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.models import build_model
 from melanoma.classifier.preprocessing import PreprocessSpec, preprocess
 from melanoma.classifier.pyfunc import LABEL_OUT_OF_SCOPE_ENV, MelanomaClassifier
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
+from melanoma.cli import main
 from melanoma.data.out_of_scope import generated_pictures
 
 CPU = torch.device("cpu")
@@ -56,6 +58,33 @@ def test_a_trained_model_keeps_its_validation_photos_in_scope_and_flags_generate
     for kind in ("flat colour", "noise", "document", "checkerboard"):
         assert caught[kind] >= 0.8, caught
     assert metrics["scope_generated_noise_caught"] == pytest.approx(1.0)
+
+
+def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_root, tmp_path, capsys):
+    import cv2
+
+    assert main(["train", "--model", "cnn", "--data", str(demo_root), "--scope_negatives", "/no/such/folder"]) == 2
+    assert "/no/such/folder does not exist: expected a folder (or .zip) of pictures" in capsys.readouterr().err
+
+    folder = tmp_path / "not_dermoscopy"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):  # pictures of stripes: not what the demo's lesions look like
+        stripes = np.zeros((96, 96, 3), np.uint8)
+        stripes[:, (i % 4) * 3::12] = rng.integers(100, 256, 3)
+        cv2.imwrite(str(folder / f"stripes_{i}.png"), stripes)
+    (folder / "notes.txt").write_text("not a picture: left alone")
+    assert main(["train", "--model", "cnn", "--data", str(demo_root), "--epochs", "1", "--img_size", "32",
+                 "--batch_size", "16", "--bootstrap", "0", "--gradcam_images", "0",
+                 "--scope_negatives", str(folder)]) == 0
+    run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("melanoma").experiment_id])[0]
+    assert run.data.params["scope_negatives"] == str(folder)
+    assert run.data.metrics["scope_negatives_supplied"] == 12
+    assert run.data.metrics["scope_val_in_scope"] >= IN_SCOPE_SHARE
+    model = load_logged_model(f"runs:/{run.info.run_id}/model")
+    assert model.scope.learned
+    card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{CARD_FILE}")
+    assert "learned a boundary from 12 pictures supplied as out of scope" in card
 
 
 def test_the_served_answer_says_whether_a_photo_is_in_scope(model_uri, demo_root, monkeypatch):
@@ -97,14 +126,18 @@ def test_a_model_logged_without_the_check_says_it_is_absent(tmp_path):
     assert out["label"][0] == ("malignant" if out["malignant_probability"][0] >= 0.5 else "benign")  # never guessed
 
 
-def test_the_exported_graph_computes_the_scope_score_as_pytorch_does():
+@pytest.mark.parametrize("boundary", [False, True], ids=["distance", "distance and learned boundary"])
+def test_the_exported_graph_computes_the_scope_score_as_pytorch_does(boundary):
     torch.manual_seed(0)
     spec = PreprocessSpec(img_size=32, channels=3)
     network = build_model("cnn", 3).eval()
     images = np.random.default_rng(1).integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
-    scope = fit_scope(scope_features(network, images[:16], spec, CPU), components=8)
-    scope.threshold = threshold_for_share(scope(torch.from_numpy(scope_features(network, images[16:], spec, CPU)))
-                                          .detach().numpy())
+    inside, val = scope_features(network, images[:16], spec, CPU), scope_features(network, images[16:], spec, CPU)
+    scope = fit_scope(inside, components=8)
+    if boundary:
+        flat = np.repeat(np.arange(0, 256, 32, dtype=np.uint8), 3 * 32 * 32).reshape(8, 3, 32, 32)
+        scope = learn_boundary(scope, inside, scope_features(network, flat, spec, CPU), val)
+    scope.threshold = threshold_for_share(scope(torch.from_numpy(val)).detach().numpy())
     scorer = Scorer(network, spec, "flip", scope)
     graph = export_onnx(scorer, 3, 32)
     onnx_logits, onnx_scores = OnnxEngine(graph, views=4).outputs(images)
@@ -113,7 +146,28 @@ def test_the_exported_graph_computes_the_scope_score_as_pytorch_does():
     torch.testing.assert_close(onnx_scores, torch_scores, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(torch.softmax(onnx_logits, 1), torch.softmax(torch_logits, 1), rtol=1e-3, atol=1e-3)
     restored = ScopeModel.from_state(scope.state())
-    assert restored.threshold == scope.threshold
+    assert restored.threshold == scope.threshold and restored.learned == boundary
+    torch.testing.assert_close(restored(torch.from_numpy(val)), scope(torch.from_numpy(val)))
+
+
+def test_a_learned_boundary_catches_what_the_distance_misses_and_keeps_the_validation_share():
+    """Out-of-scope features off the training photos' along one direction but tighter in all the
+    others: as near to them as their own by distance, and on the far side of a line."""
+    rng = np.random.default_rng(0)
+    inside, val, test = (rng.normal(size=(n, 40)) for n in (2000, 1000, 1000))
+    shift = np.zeros(40)
+    shift[3] = 5.0
+    outside, unseen = (0.6 * rng.normal(size=(300, 40)) + shift for _ in range(2))
+    distance = fit_scope(inside, components=16)
+    learned = learn_boundary(distance, inside, outside, val)
+    for scope in (distance, learned):
+        scope.threshold = threshold_for_share(scope(torch.from_numpy(val)).numpy())
+
+    def caught(scope, features):
+        return float(np.mean(scope(torch.from_numpy(features)).numpy() > scope.threshold))
+
+    assert caught(distance, unseen) < 0.3 and caught(learned, unseen) > 0.9
+    assert caught(learned, test) < 0.03  # new photos like the training ones: in scope at about the stated share
 
 
 def test_an_ensemble_carries_no_scope_model():

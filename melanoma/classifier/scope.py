@@ -9,6 +9,12 @@ runs inside the exported graph, on the photo's own view, beside the logits. The 
 features alone, the max-logit and the energy scores were measured and caught almost nothing on
 a real model (docs/results.md): a fine-tuned classifier maps unfamiliar pictures onto familiar
 features, while the statistics of its earlier stages still see them.
+
+Skin photos taken without a dermoscope sit close to dermoscopy in that distance. Given pictures
+known to be out of scope (``learn_boundary``), the check also learns a boundary on the same
+statistics (a logistic regression), and a photo is out of scope when either the distance or the
+boundary puts it beyond nearly all the validation photos; the score is then the larger of the
+two, each as a ratio to its own limit.
 """
 
 from __future__ import annotations
@@ -22,21 +28,26 @@ from melanoma.classifier.models import feature_stages
 SCOPE_FILE = "scope.pt"
 IN_SCOPE_SHARE = 0.99  # of the validation photos, in scope by construction
 COMPONENTS = 64
+BOUNDARY_C = 0.1  # the learned boundary's inverse regularisation (the value measured: docs/results.md)
 
 
 class ScopeModel(nn.Module):
     """Features (N, D) -> scope score (N,): larger is further from the training photos."""
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor, scales: torch.Tensor, residual_scale: torch.Tensor,
-                 threshold: float = float("inf")):
+                 threshold: float = float("inf"), boundary: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.register_buffer("mean", mean.float())
         self.register_buffer("components", components.float())  # (D, K), orthonormal columns
         self.register_buffer("scales", scales.float())  # (K,) the features' spread along each
         self.register_buffer("residual_scale", residual_scale.float().reshape(()))  # spread off the subspace
         self.threshold = float(threshold)
+        self.learned = boundary is not None
+        for name, value in (boundary or {}).items():  # BOUNDARY_KEYS
+            self.register_buffer(name, value.float())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """The distance to the training photos' statistics (N,)."""
         centred = features.float() - self.mean
         inside = centred @ self.components
         residual = centred - inside @ self.components.T
@@ -44,14 +55,26 @@ class ScopeModel(nn.Module):
         off = (residual ** 2).sum(1) / self.residual_scale ** 2
         return torch.sqrt(within + off)
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.learned:
+            return self.distance(features)
+        odds = ((features.float() - self.boundary_mean) / self.boundary_scale) @ self.boundary_weight + self.boundary_bias
+        return torch.maximum(self.distance(features) / self.distance_limit,
+                             torch.sigmoid(odds) / torch.sigmoid(self.boundary_limit))
+
     def state(self) -> dict[str, torch.Tensor]:
         """What is stored with the model (``torch.load(weights_only=True)`` reads it back)."""
         return {**{k: v.cpu() for k, v in self.state_dict().items()}, "threshold": torch.tensor(self.threshold)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> ScopeModel:
+        boundary = {k: state[k] for k in BOUNDARY_KEYS} if "boundary_weight" in state else None
         return cls(state["mean"], state["components"], state["scales"], state["residual_scale"],
-                   float(state["threshold"]))
+                   float(state["threshold"]), boundary)
+
+
+BOUNDARY_KEYS = ("boundary_mean", "boundary_scale", "boundary_weight", "boundary_bias", "distance_limit",
+                 "boundary_limit")
 
 
 def fit_scope(features: np.ndarray, components: int = COMPONENTS) -> ScopeModel:
@@ -67,6 +90,32 @@ def fit_scope(features: np.ndarray, components: int = COMPONENTS) -> ScopeModel:
     spread = centred.pow(2).sum(1).mean().sqrt()
     residual_scale = residual.pow(2).sum(1).mean().sqrt().clamp_min(1e-3 * float(spread) + 1e-12)
     return ScopeModel(mean, basis, scales, residual_scale)
+
+
+def learn_boundary(scope: ScopeModel, inside: np.ndarray, outside: np.ndarray, validation: np.ndarray,
+                   share: float = IN_SCOPE_SHARE) -> ScopeModel:
+    """``scope`` with a boundary learned between the features of training photos (``inside``) and
+    of pictures known to be out of scope (``outside``): a class-balanced, strongly regularised
+    logistic regression on standardised features. The distance and the boundary each get a limit
+    that keeps (1 + ``share``) / 2 of the ``validation`` features in, so that together they keep
+    about ``share``; the final threshold is set on the served scores as without a boundary."""
+    from sklearn.linear_model import LogisticRegression
+
+    inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
+    # A floor under each feature's spread: a nearly constant statistic must not blow up in float32.
+    mean, scale = inside.mean(0), inside.std(0) + 0.01 * inside.std(0).mean() + 1e-12
+    fitted = LogisticRegression(C=BOUNDARY_C, class_weight="balanced", max_iter=2000).fit(
+        (np.concatenate([inside, outside]) - mean) / scale, np.r_[np.zeros(len(inside)), np.ones(len(outside))])
+    weight, bias = fitted.coef_[0], fitted.intercept_[0]
+    val = torch.as_tensor(np.asarray(validation), dtype=torch.float32)
+    limit_share = 1 - (1 - share) / 2
+    boundary = {"boundary_mean": torch.as_tensor(mean), "boundary_scale": torch.as_tensor(scale),
+                "boundary_weight": torch.as_tensor(weight), "boundary_bias": torch.tensor(bias),
+                "distance_limit": torch.tensor(threshold_for_share(scope.distance(val).numpy(), limit_share)),
+                "boundary_limit": torch.tensor(threshold_for_share((np.asarray(validation) - mean) / scale @ weight + bias,
+                                                                   limit_share))}
+    state = scope.state()
+    return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"], boundary=boundary)
 
 
 def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:

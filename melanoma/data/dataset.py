@@ -11,7 +11,7 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from melanoma.classifier.preprocessing import PREPROCESS_VERSION, InvalidImageError, PreprocessSpec, load_for_model
 from melanoma.data.layout import discover
+from melanoma.data.metadata import IMAGE_EXTENSIONS
 from melanoma.data.records import CLASSES, EXPECTED_LAYOUT, DataError, ImageRecord, Source, missing_classes
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,29 @@ def prepare_dataset(location: str | Path, spec: PreprocessSpec, require_train: b
                         labels=np.asarray(meta["labels"], dtype=np.int64), splits=np.asarray(meta["splits"]),
                         paths=meta["paths"], md5s=meta["md5s"], digest=meta["digest"], skipped=meta["skipped"],
                         sources=np.asarray(meta["sources"]), groups=np.asarray(meta["groups"]))
+
+
+def decode_folder(folder: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """Every image file under ``folder`` (a folder or a .zip of pictures, in any layout) as model
+    input; unreadable files are skipped and counted."""
+    if not Path(folder).exists():
+        raise DataError(f"{folder} does not exist: expected a folder (or .zip) of pictures")
+    source = Source(folder)
+    try:
+        files = [f for f in source.files() if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
+        arrays, skipped = [], 0
+        for rel in tqdm(files, desc=f"images in {Path(folder).name}", unit="img", leave=False):
+            try:
+                arrays.append(load_for_model(source.read(rel), spec))
+            except InvalidImageError:
+                skipped += 1
+    finally:
+        source.close()
+    if skipped:
+        log.warning("%s: %d of %d files could not be decoded and were skipped", folder, skipped, len(files))
+    if not arrays:
+        raise DataError(f"no readable images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return np.stack(arrays)
 
 
 def _check_train_classes(decoded: dict, source: Source) -> None:

@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
 import markdown
 import mlflow
@@ -34,7 +33,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
 from melanoma import metric_names as names
 from melanoma import tracking
@@ -45,12 +43,11 @@ from melanoma.classifier.engine import checked_engine
 from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.inference import Scorer, predict_logits, select_device
 from melanoma.classifier.logged import load_logged_model
-from melanoma.classifier.preprocessing import InvalidImageError, PreprocessSpec, decode_for_model, preprocess
+from melanoma.classifier.preprocessing import PreprocessSpec
 from melanoma.config import AdaptSettings, parse_params, settings_params
-from melanoma.data.dataset import prepare_dataset
+from melanoma.data.dataset import decode_folder, prepare_dataset
 from melanoma.data.layout import read_file
-from melanoma.data.metadata import IMAGE_EXTENSIONS
-from melanoma.data.records import DataError, Source, missing_classes
+from melanoma.data.records import DataError, missing_classes
 from melanoma.data.training_data import load_data
 from melanoma.evaluate import Predictions, threshold_for_sensitivity
 from melanoma.figures import sets_figure
@@ -136,26 +133,6 @@ def adapt_batchnorm(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, 
         m.momentum = momentum
         m.train(training)
     return len(layers)
-
-
-def decode_unlabelled(folder: str | Path, spec: PreprocessSpec) -> np.ndarray:
-    """Every image file under ``folder`` as model input (unreadable files skipped and counted)."""
-    source = Source(folder)
-    try:
-        files = [f for f in source.files() if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
-        arrays, skipped = [], 0
-        for rel in tqdm(files, desc="unlabelled photos", unit="img", leave=False):
-            try:
-                arrays.append(preprocess(decode_for_model(source.read(rel), spec), spec))
-            except InvalidImageError:
-                skipped += 1
-    finally:
-        source.close()
-    if skipped:
-        log.warning("%s: %d of %d files could not be decoded and were skipped", folder, skipped, len(files))
-    if not arrays:
-        raise DataError(f"no readable images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return np.stack(arrays)
 
 
 def site_section(settings: AdaptSettings, local: dict, point: SiteOperatingPoint | None, chosen: float,
@@ -296,7 +273,7 @@ def run_adaptation(settings: AdaptSettings) -> dict:
     model = base.network.to(device).float()
     adabn_layers = 0
     if settings.adabn:
-        unlabelled = decode_unlabelled(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
+        unlabelled = decode_folder(settings.unlabelled, spec) if settings.unlabelled else np.asarray(site.images)
         adabn_layers = adapt_batchnorm(model, unlabelled, spec, settings.adabn, settings.adabn_depth)
         mlflow.log_metrics({"adabn_photos": len(unlabelled), "adabn_layers": adabn_layers})
     # The in-scope check holds while the network computes what it was fitted on: not after AdaBN.

@@ -27,9 +27,9 @@ from melanoma.classifier.gradcam import ensemble_gradcam, fit_longest_side, over
 from melanoma.classifier.inference import Scorer, scope_features, select_device, to_model_input
 from melanoma.classifier.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
 from melanoma.config import TrainConfig, settings_params
-from melanoma.data.dataset import PreparedData, cache_dir
+from melanoma.data.dataset import PreparedData, cache_dir, decode_folder
 from melanoma.data.demo import demo_dataset
 from melanoma.data.layout import read_file
 from melanoma.data.out_of_scope import generated_pictures
@@ -114,15 +114,28 @@ def relog_missing_epochs(history: list[dict[str, float]]) -> None:
 SCOPE_FIT_PHOTOS = 5000  # training photos the scope model is fitted on, at most
 
 
-def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: PreparedData, fit_idx: np.ndarray,
-                    device: torch.device, seed: int) -> ScopeModel | None:
+def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: PreparedData, run_data: TrainingData,
+                    device: torch.device, seed: int, negatives: np.ndarray | None = None) -> ScopeModel | None:
     """The in-scope check of one network (an ensemble has none), fitted on the stage statistics
-    of (at most ``SCOPE_FIT_PHOTOS``) training photos; its threshold is set on the validation
-    photos' scores from the engine that will serve it (``set_scope_threshold``)."""
+    of (at most ``SCOPE_FIT_PHOTOS``) training photos; with ``negatives`` (model inputs of
+    pictures known to be out of scope) it also learns a boundary against them and generated
+    pictures. Its threshold is set on the validation photos' scores from the engine that will
+    serve it (``set_scope_threshold``)."""
     if isinstance(model, torch.nn.ModuleList):
         return None
-    chosen = np.sort(np.random.default_rng(seed).permutation(fit_idx)[:SCOPE_FIT_PHOTOS])
-    return fit_scope(scope_features(model, np.asarray(data.images[chosen]), spec, device))
+    chosen = np.sort(np.random.default_rng(seed).permutation(run_data.fit_idx)[:SCOPE_FIT_PHOTOS])
+    inside = scope_features(model, np.asarray(data.images[chosen]), spec, device)
+    scope = fit_scope(inside)
+    if negatives is None:
+        return scope
+    photos = [decode_for_model(read_file(data.locations[i], data.paths[i]), spec) for i in run_data.val_idx[:16]]
+    # Another seed than the generated pictures the run reports as caught (log_scope_checks).
+    made = [preprocess(p, spec) for kind in generated_pictures(np.random.default_rng(seed + 1), photos, 16).values()
+            for p in kind]
+    outside = scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
+    mlflow.log_metric("scope_negatives_supplied", len(negatives))
+    return learn_boundary(scope, inside, outside,
+                          scope_features(model, np.asarray(data.images[run_data.val_idx]), spec, device))
 
 
 def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray) -> None:
@@ -173,6 +186,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     spec = cfg.preprocess_spec()
     run_data = load_data(cfg, spec)
     data, fit_idx, val_idx, test_idx = run_data.data, run_data.fit_idx, run_data.val_idx, run_data.data.indices("test")
+    # Read before training, so that a wrong folder stops the run before its epochs, not after.
+    scope_negatives = decode_folder(cfg.scope_negatives, spec) if cfg.scope_negatives else None
 
     tracking.tag_experiment()
     mlflow.set_tags({"dataset": "synthetic-demo" if run_data.synthetic else "real",
@@ -201,7 +216,8 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
     mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
     log_audit(cfg, data.digest, demo_dataset(cfg.demo_size, cfg.seed, cache_dir()))  # after the epochs: the objective is the first metric
     tracking.log_figure(history_figure(result.history), "training/history.png")
-    report = report_model(model, cfg.model, run_data, cfg, device, rule or ThresholdRule.validation(cfg.target_sensitivity))
+    report = report_model(model, cfg.model, run_data, cfg, device, rule or ThresholdRule.validation(cfg.target_sensitivity),
+                          scope_negatives)
     if saver is not None:
         saver.remove_local()
     report.summary["best_val_auc"] = result.best_val_auc
@@ -209,14 +225,15 @@ def run_training(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, re
 
 
 def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: TrainingData, cfg: TrainConfig,
-                 device: torch.device, rule: ThresholdRule) -> TrainingReport:
+                 device: torch.device, rule: ThresholdRule, scope_negatives: np.ndarray | None = None) -> TrainingReport:
     """A trained network (or an ensemble's ``nn.ModuleList``, one name per member) calibrated
     and given its operating threshold on validation by ``rule``, every set reported with
-    intervals, figures, and logged as the run's model with its card; inside the active run."""
+    intervals, figures, and logged as the run's model with its card; inside the active run.
+    ``scope_negatives``: pictures the in-scope check learns a boundary against (``fit_scope_model``)."""
     spec = cfg.preprocess_spec()
     data, val_idx, test_idx = run_data.data, run_data.val_idx, run_data.data.indices("test")
     groups = data.groups  # a lesion's photos (and copies of one photo) are resampled together
-    scope = fit_scope_model(model, spec, data, run_data.fit_idx, device, cfg.seed)
+    scope = fit_scope_model(model, spec, data, run_data, device, cfg.seed, scope_negatives)
     # The final figures come from the engine the logged model will be served with.
     engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta, scope),
                                                np.asarray(data.images[val_idx[:256]]), device)
