@@ -1,0 +1,56 @@
+"""What serving the fold models costs: one image through the exported graph of a model and of k
+copies of it averaged (what ``adapt --finetune`` serves with ``site_model=folds``), interleaved.
+
+    python -m experiments.site_latency --model runs:/CHILD/model --folds 5 --out docs/site_latency_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from melanoma.classifier.engine import OnnxEngine, export_onnx
+from melanoma.classifier.inference import Scorer
+from melanoma.classifier.logged import load_logged_model
+
+
+def p50_ms(engines: dict[str, OnnxEngine], image: np.ndarray, rounds: int = 5, repeats: int = 50) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            engine.outputs(image)  # warm
+            for _ in range(repeats):
+                start = time.perf_counter()
+                engine.outputs(image)
+                samples[name].append(time.perf_counter() - start)
+    return {name: 1000 * float(np.median(v)) for name, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model = load_logged_model(args.model)
+    network, spec = model.network.cpu().eval(), model.spec
+    folds = torch.nn.ModuleList(copy.deepcopy(network) for _ in range(args.folds)).eval()
+    engines = {name: OnnxEngine(export_onnx(Scorer(net, spec), spec.channels, spec.img_size))
+               for name, net in (("one model", network), (f"{args.folds} fold models", folds))}
+    image = np.random.default_rng(0).integers(0, 256, (1, spec.channels, spec.img_size, spec.img_size), np.uint8)
+    result = {"model": args.model, "architecture": model.names[0], "img_size": spec.img_size,
+              "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+              "p50_ms": p50_ms(engines, image)}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
