@@ -12,6 +12,8 @@ One MLflow run per adaptation:
    threshold kept, unless ``force_threshold``;
 3. optionally, calibration refitted on the site, and BatchNorm statistics mixed towards the
    site's photos (``adabn``: the share of the site's statistics, 0 = off, 1 = plain AdaBN);
+   with ``finetune``, the model fine-tuned on the site's photos where cross-fitting shows a clear
+   gain (``melanoma.finetune``; served as the fold models averaged, ``site_model``);
 4. a site version: a new version of the registered model with alias ``site-<NAME>``, whose
    settings carry the site's threshold (calibration, BatchNorm statistics) and whose card gains
    a section for the site. It is served and scored like any version.
