@@ -12,8 +12,9 @@ out-of-fold scores). The rest of the source, patients the adaptation never saw, 
 AUC before and after, the cross-fitted gain beside the gain measured there, sensitivity and
 specificity at the served threshold, and the AUC on the child's own validation photos
 (forgetting), for both site models (``SITE_MODELS``: the fold models averaged, one model
-fine-tuned on all photos) in every draw, and for what adapt serves (``--site_model``). With ``--replay`` the largest N also runs with that share of training photos
-replayed in each batch.
+fine-tuned on all photos) in every draw, and for what adapt serves (``--site_model``). With
+``--replay`` every draw of the largest N also runs with that share of training photos replayed
+in each batch.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def main() -> None:
             fit_replay = None
             for size in sizes:
                 for draw in range(args.draws):
-                    variants = [0.0] + ([args.replay] if args.replay and size == max(sizes) and draw == 0 else [])
+                    variants = [0.0] + ([args.replay] if args.replay and size == max(sizes) else [])
                     for share in variants:
                         if (source, size, draw, share) in done:
                             continue
