@@ -4,8 +4,9 @@
         --out docs/learned_scope_cpu.json
 
 For each child of a finished cross-source validation (a model trained without one source), the
-shipped check (the distance of the stage statistics to the training photos') is set beside the
-check that also learns a boundary (``learn_boundary``: a logistic regression on the same
+check before the colour limit (the distance of the stage statistics to the training photos'),
+the default check (with the colour limit, ``ScopeModel.with_colour_limit``) and the check that
+also learns a boundary (``learn_boundary``: a logistic regression on the same
 statistics, training photos against out-of-scope pictures). Two sets of such pictures: generated
 ones alone (what every training run can make), and generated ones plus the non-dermoscopic skin
 photos of every clinic but one (what a user could supply with ``scope_negatives``), judged on the
@@ -31,7 +32,14 @@ from experiments.scope_check import everyday_photos
 from melanoma.classifier.inference import scope_features, select_device
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
+from melanoma.classifier.scope import (
+    IN_SCOPE_SHARE,
+    ScopeModel,
+    colourfulness,
+    fit_scope,
+    learn_boundary,
+    threshold_for_share,
+)
 from melanoma.config import parse_params
 from melanoma.data.out_of_scope import generated_pictures
 from melanoma.data.training_data import load_data
@@ -60,10 +68,13 @@ def generated(spec, photos: list[np.ndarray], seed: int) -> np.ndarray:
     return np.stack([preprocess(p, spec) for kind in pictures.values() for p in kind])
 
 
-def judge(scope: ScopeModel, val: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, float]:
+Inputs = tuple[np.ndarray, np.ndarray]  # the pictures' stage statistics and colourfulness
+
+
+def judge(scope: ScopeModel, val: Inputs, sets: dict[str, Inputs]) -> dict[str, float]:
     """The share of each set flagged, at the threshold that keeps 99 % of validation in scope."""
-    def score(features: np.ndarray) -> np.ndarray:
-        return scope(torch.from_numpy(features)).numpy()
+    def score(inputs: Inputs) -> np.ndarray:
+        return scope(*(torch.from_numpy(a) for a in inputs)).numpy()
 
     threshold = threshold_for_share(score(val), IN_SCOPE_SHARE)
     return {name: float(np.mean(score(f) > threshold)) for name, f in {"validation": val, **sets}.items()}
@@ -91,31 +102,38 @@ def main() -> None:
             fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
             held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
 
-            def features(images: np.ndarray, network=network, spec=spec) -> np.ndarray:
-                return scope_features(network, np.asarray(images), spec, device)
+            def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
+                images = np.asarray(images)
+                return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
 
-            fit_x, val_x, held_x = features(d.images[fit]), features(d.images[data.val_idx]), features(d.images[held])
+            fit_x, val_x, held_x = inputs(d.images[fit]), inputs(d.images[data.val_idx]), inputs(d.images[held])
             photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
-            generated_x, generated_new_x = features(generated(spec, photos, 0)), features(generated(spec, photos, 1))
-            everyday_x = features(np.stack([preprocess(p, spec) for p in everyday_photos()]))
+            generated_x, generated_new_x = inputs(generated(spec, photos, 0)), inputs(generated(spec, photos, 1))
+            everyday_x = inputs(np.stack([preprocess(p, spec) for p in everyday_photos()]))
             skin, clinics, kinds = clinic_photos(args.out_of_scope, spec)
-            skin_x = features(skin)
-            distance = fit_scope(fit_x)
+            skin_x = inputs(skin)
+            distance = fit_scope(fit_x[0])
+
+            def coloured(scope: ScopeModel, val_colour=val_x[1]) -> ScopeModel:
+                return scope.with_colour_limit(val_colour)
+
             common = {f"held-out source ({source})": held_x, "everyday photo": everyday_x,
                       "generated, another seed": generated_new_x}
             row = {"source": source, "child_run": child, "fitted_on": len(fit), "checks": {}}
             skin_all = {**common, "skin photos, all clinics": skin_x}
             row["checks"]["distance alone"] = judge(distance, val_x, skin_all)
-            row["checks"]["learned on generated"] = judge(learn_boundary(distance, fit_x, generated_x, val_x), val_x,
-                                                          skin_all)
+            row["checks"]["distance + colour limit"] = judge(coloured(distance), val_x, skin_all)
+            row["checks"]["+ boundary learned on generated"] = judge(
+                coloured(learn_boundary(distance, fit_x[0], generated_x[0], val_x[0])), val_x, skin_all)
             for clinic in sorted(set(clinics)):
                 out = clinics == clinic
                 if out.sum() < 5:
                     continue
-                learned = learn_boundary(distance, fit_x, np.concatenate([generated_x, skin_x[~out]]), val_x)
+                learned = learn_boundary(distance, fit_x[0], np.concatenate([generated_x[0], skin_x[0][~out]]),
+                                         val_x[0])
                 left_out = f"skin photos of {clinic} ({out.sum()}, {', '.join(sorted(set(kinds[out])))})"
-                row["checks"][f"learned on generated + skin photos but {clinic}"] = judge(
-                    learned, val_x, {**common, left_out: skin_x[out]})
+                row["checks"][f"+ boundary learned on generated + skin photos but {clinic}"] = judge(
+                    coloured(learned), val_x, {**common, left_out: (skin_x[0][out], skin_x[1][out])})
             rows.append(row)
             log.info("%s", json.dumps(row)[:3000])
             args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))

@@ -31,7 +31,7 @@ from melanoma.classifier.engine import OnnxEngine, export_onnx
 from melanoma.classifier.inference import Scorer, scope_features, select_device
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, fit_scope, logits_and_features, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, colourfulness, fit_scope, logits_and_features, threshold_for_share
 from melanoma.config import parse_params
 from melanoma.data.out_of_scope import generated_pictures
 from melanoma.data.training_data import load_data
@@ -97,7 +97,8 @@ def scores(network, spec, scope, head_scope, images: np.ndarray, device) -> dict
     """Every candidate score of uint8 model inputs (larger: further out of scope)."""
     features = scope_features(network, images, spec, device)
     logits = classifier_logits(network, spec, images, device)
-    return {"stage_statistics": scope(torch.from_numpy(features)).numpy(),
+    return {"stage_statistics": scope(torch.from_numpy(features), colourfulness(torch.from_numpy(np.asarray(images))))
+            .numpy(),
             "penultimate": head_scope(torch.from_numpy(penultimate(network, spec, images, device))).numpy(),
             "max_logit": -logits.max(1).values.numpy(),
             "energy": -torch.logsumexp(logits, 1).numpy()}

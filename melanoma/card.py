@@ -226,18 +226,23 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
             "Every answer says whether the photo is one the model is made for: a photo whose feature statistics lie "
             f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
             f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
-            "out of scope.", "", *learned_boundary(metrics),
+            "out of scope.", "", *scope_limits(metrics),
             "- Photos in scope: " + (", ".join(kept) or "-") + ".",
             "- Generated pictures caught: " + (", ".join(caught) or "-") + ".",
             "- Measured on real non-dermoscopic skin photos and everyday photos: docs/results.md.", ""]
 
 
-def learned_boundary(metrics: dict[str, float]) -> list[str]:
-    """The card's line on a boundary learned from supplied out-of-scope pictures, if any."""
+def scope_limits(metrics: dict[str, float]) -> list[str]:
+    """The card's lines on the check's colour limit and on a boundary learned from supplied
+    out-of-scope pictures, where the model has them."""
+    lines = []
+    if "scope_colour_limit" in metrics:
+        lines += ["A picture with less colour than a tenth of the palest validation photos (a grey picture: a "
+                  "radiograph, a scan, a black-and-white photo) is out of scope too.", ""]
     supplied = metrics.get("scope_negatives_supplied")
     if supplied is None:
-        return []
-    return [f"The check also learned a boundary from {supplied:.0f} pictures supplied as out of scope "
+        return lines
+    return lines + [f"The check also learned a boundary from {supplied:.0f} pictures supplied as out of scope "
             "(`scope_negatives`) and generated ones: a photo beyond the distance's or the boundary's limit is out of "
             "scope. Pictures like the supplied ones are caught more often; how often, for kinds never supplied, only a "
             "set the check never saw can say (docs/results.md).", ""]

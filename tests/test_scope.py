@@ -21,7 +21,14 @@ from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.models import build_model
 from melanoma.classifier.preprocessing import PreprocessSpec, preprocess
 from melanoma.classifier.pyfunc import LABEL_OUT_OF_SCOPE_ENV, MelanomaClassifier
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
+from melanoma.classifier.scope import (
+    IN_SCOPE_SHARE,
+    ScopeModel,
+    colourfulness,
+    fit_scope,
+    learn_boundary,
+    threshold_for_share,
+)
 from melanoma.cli import main
 from melanoma.data.out_of_scope import generated_pictures
 
@@ -58,6 +65,36 @@ def test_a_trained_model_keeps_its_validation_photos_in_scope_and_flags_generate
     for kind in ("flat colour", "noise", "document", "checkerboard"):
         assert caught[kind] >= 0.8, caught
     assert metrics["scope_generated_noise_caught"] == pytest.approx(1.0)
+    assert metrics["scope_generated_grey_photo_caught"] == pytest.approx(1.0)
+    card = mlflow.artifacts.load_text(f"{model_uri.rsplit('/', 1)[0]}/{CARD_FILE}")
+    assert "grey photo 100%" in card and "A picture with less colour than a tenth" in card
+
+
+def test_a_grey_picture_of_a_lesion_is_out_of_scope_where_its_colour_photo_is_not(model_uri, demo_root):
+    """Radiographs, scans, black-and-white photos: a dermoscopy photo is never grey."""
+    import cv2
+
+    model = load_logged_model(model_uri)
+    assert model.scope.coloured
+    photos = [cv2.imread(str(f))[:, :, ::-1] for f in sorted((demo_root / "train" / "benign").glob("*.jpg"))[:8]]
+    grey = [np.repeat(cv2.cvtColor(p, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2) for p in photos]
+    colour_in = model.in_scope(model.assess(np.stack([preprocess(p, model.spec) for p in photos]))[1])
+    grey_in = model.in_scope(model.assess(np.stack([preprocess(p, model.spec) for p in grey]))[1])
+    assert colour_in.mean() >= 0.75 and not grey_in.any(), (colour_in, grey_in)
+
+
+def test_the_colour_limit_multiplies_the_score_of_paler_pictures_only():
+    rng = np.random.default_rng(0)
+    validation_colour = np.linspace(0.05, 0.2, 401)
+    scope = fit_scope(rng.normal(size=(500, 12)), components=4).with_colour_limit(validation_colour)
+    assert float(scope.colour_limit) == pytest.approx(0.1 * np.quantile(validation_colour, 0.005))
+    features = torch.from_numpy(rng.normal(size=(3, 12)))
+    plain = scope.distance(features)
+    colour = torch.tensor([0.1, float(scope.colour_limit) / 2, 0.0])
+    torch.testing.assert_close(scope(features, colour), plain * torch.tensor([1.0, 2.0, 1000.0]))
+    with pytest.raises(ValueError, match="colourfulness"):
+        scope(features)
+    assert ScopeModel.from_state(scope.state()).coloured
 
 
 def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_root, tmp_path, capsys):
@@ -126,7 +163,7 @@ def test_a_model_logged_without_the_check_says_it_is_absent(tmp_path):
     assert out["label"][0] == ("malignant" if out["malignant_probability"][0] >= 0.5 else "benign")  # never guessed
 
 
-@pytest.mark.parametrize("boundary", [False, True], ids=["distance", "distance and learned boundary"])
+@pytest.mark.parametrize("boundary", [False, True], ids=["distance and colour", "learned boundary too"])
 def test_the_exported_graph_computes_the_scope_score_as_pytorch_does(boundary):
     torch.manual_seed(0)
     spec = PreprocessSpec(img_size=32, channels=3)
@@ -137,7 +174,10 @@ def test_the_exported_graph_computes_the_scope_score_as_pytorch_does(boundary):
     if boundary:
         flat = np.repeat(np.arange(0, 256, 32, dtype=np.uint8), 3 * 32 * 32).reshape(8, 3, 32, 32)
         scope = learn_boundary(scope, inside, scope_features(network, flat, spec, CPU), val)
-    scope.threshold = threshold_for_share(scope(torch.from_numpy(val)).detach().numpy())
+    images[20:] = images[20:, :1]  # grey pictures: their scores are raised by the colour limit
+    scope = scope.with_colour_limit(colourfulness(torch.from_numpy(images[:16])).numpy())
+    colour = colourfulness(torch.from_numpy(images[16:]))
+    scope.threshold = threshold_for_share(scope(torch.from_numpy(val), colour).detach().numpy())
     scorer = Scorer(network, spec, "flip", scope)
     graph = export_onnx(scorer, 3, 32)
     onnx_logits, onnx_scores = OnnxEngine(graph, views=4).outputs(images)
@@ -146,8 +186,8 @@ def test_the_exported_graph_computes_the_scope_score_as_pytorch_does(boundary):
     torch.testing.assert_close(onnx_scores, torch_scores, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(torch.softmax(onnx_logits, 1), torch.softmax(torch_logits, 1), rtol=1e-3, atol=1e-3)
     restored = ScopeModel.from_state(scope.state())
-    assert restored.threshold == scope.threshold and restored.learned == boundary
-    torch.testing.assert_close(restored(torch.from_numpy(val)), scope(torch.from_numpy(val)))
+    assert restored.threshold == scope.threshold and restored.learned == boundary and restored.coloured
+    torch.testing.assert_close(restored(torch.from_numpy(val), colour), scope(torch.from_numpy(val), colour))
 
 
 def test_a_learned_boundary_catches_what_the_distance_misses_and_keeps_the_validation_share():

@@ -14,7 +14,7 @@ from torch import nn
 from melanoma.classifier.calibration import Calibration
 from melanoma.classifier.errors import SettingsError
 from melanoma.classifier.preprocessing import PreprocessSpec, normalization, normalize
-from melanoma.classifier.scope import ScopeModel, logits_and_features
+from melanoma.classifier.scope import ScopeModel, colourfulness, logits_and_features
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -97,7 +97,7 @@ class Scorer(nn.Module):
             logits = torch.stack([member(x).float() for member in self.members]).mean(0)
             return logits.view(len(views), -1, logits.shape[-1]).mean(0)
         logits, features = logits_and_features(self.members[0], x)
-        score = self.scope(features[:images.shape[0]])  # the photo's own view
+        score = self.scope(features[:images.shape[0]], colourfulness(images))  # the photo's own view
         return logits.float().view(len(views), -1, logits.shape[-1]).mean(0), score
 
 

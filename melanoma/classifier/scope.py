@@ -15,6 +15,11 @@ known to be out of scope (``learn_boundary``), the check also learns a boundary 
 statistics (a logistic regression), and a photo is out of scope when either the distance or the
 boundary puts it beyond nearly all the validation photos; the score is then the larger of the
 two, each as a ratio to its own limit.
+
+A dermoscopy photo is never grey, while radiographs, scans and black-and-white photos are, and
+the statistics do not reliably tell (docs/results.md). So a colour model's check also has a
+colour limit, a tenth of the colour spread of the palest validation photos: a picture with less
+colour than that has its score multiplied by how much less.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from melanoma.classifier.models import feature_stages
 SCOPE_FILE = "scope.pt"
 IN_SCOPE_SHARE = 0.99  # of the validation photos, in scope by construction
 COMPONENTS = 64
+GREY_SHARE = 0.1  # the colour limit, as a share of the palest validation photos' colour spread
 BOUNDARY_C = 0.1  # the learned boundary's inverse regularisation (the value measured: docs/results.md)
 
 
@@ -35,7 +41,8 @@ class ScopeModel(nn.Module):
     """Features (N, D) -> scope score (N,): larger is further from the training photos."""
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor, scales: torch.Tensor, residual_scale: torch.Tensor,
-                 threshold: float = float("inf"), boundary: dict[str, torch.Tensor] | None = None):
+                 threshold: float = float("inf"), boundary: dict[str, torch.Tensor] | None = None,
+                 colour_limit: float | None = None):
         super().__init__()
         self.register_buffer("mean", mean.float())
         self.register_buffer("components", components.float())  # (D, K), orthonormal columns
@@ -45,6 +52,9 @@ class ScopeModel(nn.Module):
         self.learned = boundary is not None
         for name, value in (boundary or {}).items():  # BOUNDARY_KEYS
             self.register_buffer(name, value.float())
+        self.coloured = colour_limit is not None
+        if self.coloured:
+            self.register_buffer("colour_limit", torch.tensor(float(colour_limit)))
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """The distance to the training photos' statistics (N,)."""
@@ -55,12 +65,18 @@ class ScopeModel(nn.Module):
         off = (residual ** 2).sum(1) / self.residual_scale ** 2
         return torch.sqrt(within + off)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.learned:
-            return self.distance(features)
-        odds = ((features.float() - self.boundary_mean) / self.boundary_scale) @ self.boundary_weight + self.boundary_bias
-        return torch.maximum(self.distance(features) / self.distance_limit,
-                             torch.sigmoid(odds) / torch.sigmoid(self.boundary_limit))
+    def forward(self, features: torch.Tensor, colour: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (N,) of features (N, D); ``colour``: the pictures' ``colourfulness`` (N,), which
+        a check with a colour limit needs."""
+        score = self.distance(features)
+        if self.learned:
+            odds = ((features.float() - self.boundary_mean) / self.boundary_scale) @ self.boundary_weight + self.boundary_bias
+            score = torch.maximum(score / self.distance_limit, torch.sigmoid(odds) / torch.sigmoid(self.boundary_limit))
+        if self.coloured:
+            if colour is None:
+                raise ValueError("this in-scope check has a colour limit: pass the pictures' colourfulness")
+            score = score * (self.colour_limit / colour.float().clamp_min(1e-3 * self.colour_limit)).clamp_min(1)
+        return score
 
     def state(self) -> dict[str, torch.Tensor]:
         """What is stored with the model (``torch.load(weights_only=True)`` reads it back)."""
@@ -69,8 +85,24 @@ class ScopeModel(nn.Module):
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> ScopeModel:
         boundary = {k: state[k] for k in BOUNDARY_KEYS} if "boundary_weight" in state else None
+        colour_limit = float(state["colour_limit"]) if "colour_limit" in state else None
         return cls(state["mean"], state["components"], state["scales"], state["residual_scale"],
-                   float(state["threshold"]), boundary)
+                   float(state["threshold"]), boundary, colour_limit)
+
+    def with_colour_limit(self, validation_colour: np.ndarray, share: float = IN_SCOPE_SHARE) -> ScopeModel:
+        """This check with a colour limit: ``GREY_SHARE`` of the colour spread that all but
+        (1 - ``share``) / 2 of the validation photos reach."""
+        state = self.state()
+        boundary = {k: state[k] for k in BOUNDARY_KEYS} if self.learned else None
+        palest = float(np.quantile(np.asarray(validation_colour, np.float64), (1 - share) / 2))
+        return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"],
+                          self.threshold, boundary, GREY_SHARE * palest)
+
+
+def colourfulness(images: torch.Tensor) -> torch.Tensor:
+    """Each picture's spread across its colour channels, averaged over its pixels, in [0, 1]
+    pixel units (N,): 0 for a grey picture. ``images``: uint8 (N, C, H, W)."""
+    return images.float().div(255).std(1).mean((1, 2))
 
 
 BOUNDARY_KEYS = ("boundary_mean", "boundary_scale", "boundary_weight", "boundary_bias", "distance_limit",
@@ -115,7 +147,8 @@ def learn_boundary(scope: ScopeModel, inside: np.ndarray, outside: np.ndarray, v
                 "boundary_limit": torch.tensor(threshold_for_share((np.asarray(validation) - mean) / scale @ weight + bias,
                                                                    limit_share))}
     state = scope.state()
-    return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"], boundary=boundary)
+    return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"], boundary=boundary,
+                      colour_limit=float(state["colour_limit"]) if scope.coloured else None)
 
 
 def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:

@@ -1,6 +1,7 @@
 """Generated pictures that are not dermoscopy photos, for measuring the in-scope check: flat
-colours, noise, gradients, documents, screenshots, checkerboards, and tiny or extreme crops of
-real photos. Deterministic for a seed."""
+colours, noise, gradients, documents, screenshots, checkerboards, tiny or extreme crops of real
+photos, and real photos in grey (as a radiograph or a black-and-white scan would come). Deterministic
+for a seed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import cv2
 import numpy as np
 
 GENERATED_KINDS = ("flat colour", "noise", "gradient", "document", "screenshot", "checkerboard", "tiny crop",
-                   "extreme crop")
+                   "extreme crop", "grey photo")
+FROM_PHOTOS = 3  # the last kinds are made from photos
 
 
 def generated_pictures(rng: np.random.Generator, photos: list[np.ndarray], per_kind: int = 8,
@@ -57,7 +59,11 @@ def generated_pictures(rng: np.random.Generator, photos: list[np.ndarray], per_k
         strip = photo[: max(4, photo.shape[0] // 16)]
         return cv2.resize(strip, (size, size), interpolation=cv2.INTER_LINEAR)
 
+    def grey_photo() -> np.ndarray:
+        photo = photos[int(rng.integers(len(photos)))]
+        return np.repeat(cv2.cvtColor(np.ascontiguousarray(photo), cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+
     makers = dict(zip(GENERATED_KINDS, (flat, noise, gradient, document, screenshot, checkerboard, tiny_crop,
-                                        extreme_crop)))
-    kinds = GENERATED_KINDS if photos else GENERATED_KINDS[:-2]  # the crops need photos
+                                        extreme_crop, grey_photo)))
+    kinds = GENERATED_KINDS if photos else GENERATED_KINDS[:-FROM_PHOTOS]
     return {name: [makers[name]() for _ in range(per_kind)] for name in kinds}

@@ -27,7 +27,14 @@ from melanoma.classifier.gradcam import ensemble_gradcam, fit_longest_side, over
 from melanoma.classifier.inference import Scorer, scope_features, select_device, to_model_input
 from melanoma.classifier.models import build_model, gradcam_layer, has_pretrained_weights
 from melanoma.classifier.preprocessing import PreprocessSpec, decode_for_model, model_region, preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_share
+from melanoma.classifier.scope import (
+    IN_SCOPE_SHARE,
+    ScopeModel,
+    colourfulness,
+    fit_scope,
+    learn_boundary,
+    threshold_for_share,
+)
 from melanoma.config import TrainConfig, settings_params
 from melanoma.data.dataset import PreparedData, cache_dir, decode_folder
 from melanoma.data.demo import demo_dataset
@@ -119,23 +126,33 @@ def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: Prepared
     """The in-scope check of one network (an ensemble has none), fitted on the stage statistics
     of (at most ``SCOPE_FIT_PHOTOS``) training photos; with ``negatives`` (model inputs of
     pictures known to be out of scope) it also learns a boundary against them and generated
-    pictures. Its threshold is set on the validation photos' scores from the engine that will
-    serve it (``set_scope_threshold``)."""
+    pictures; a colour model's check gets a colour limit. Its threshold is set on the validation
+    photos' scores from the engine that will serve it (``set_scope_threshold``)."""
     if isinstance(model, torch.nn.ModuleList):
         return None
     chosen = np.sort(np.random.default_rng(seed).permutation(run_data.fit_idx)[:SCOPE_FIT_PHOTOS])
     inside = scope_features(model, np.asarray(data.images[chosen]), spec, device)
     scope = fit_scope(inside)
-    if negatives is None:
-        return scope
+    if negatives is not None:
+        scope = learn_boundary(scope, inside, outside_features(model, spec, data, run_data, device, seed, negatives),
+                               scope_features(model, np.asarray(data.images[run_data.val_idx]), spec, device))
+    if spec.channels == 3:
+        val = run_data.val_idx
+        colour = [colourfulness(torch.from_numpy(np.asarray(data.images[val[i:i + 256]])))
+                  for i in range(0, len(val), 256)]
+        scope = scope.with_colour_limit(torch.cat(colour).numpy())
+    return scope
+
+
+def outside_features(model: torch.nn.Module, spec: PreprocessSpec, data: PreparedData, run_data: TrainingData,
+                     device: torch.device, seed: int, negatives: np.ndarray) -> np.ndarray:
+    """The stage statistics of the supplied out-of-scope pictures and of generated ones."""
     photos = [decode_for_model(read_file(data.locations[i], data.paths[i]), spec) for i in run_data.val_idx[:16]]
     # Another seed than the generated pictures the run reports as caught (log_scope_checks).
     made = [preprocess(p, spec) for kind in generated_pictures(np.random.default_rng(seed + 1), photos, 16).values()
             for p in kind]
-    outside = scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
     mlflow.log_metric("scope_negatives_supplied", len(negatives))
-    return learn_boundary(scope, inside, outside,
-                          scope_features(model, np.asarray(data.images[run_data.val_idx]), spec, device))
+    return scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
 
 
 def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray) -> None:
@@ -147,7 +164,8 @@ def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray) -> No
 def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict[str, np.ndarray],
                      photos: list[np.ndarray], seed: int) -> None:
     """The share of each set's photos in scope, and of generated pictures caught, by kind."""
-    metrics = {"scope_threshold": scope.threshold, "scope_in_scope_share_target": IN_SCOPE_SHARE}
+    metrics = {"scope_threshold": scope.threshold, "scope_in_scope_share_target": IN_SCOPE_SHARE,
+               **({"scope_colour_limit": float(scope.colour_limit)} if scope.coloured else {})}
     for name, images in sets.items():
         metrics[f"{names.SCOPE.format(name)}in_scope"] = float(np.mean(engine.outputs(images)[1].numpy() <= scope.threshold))
     pictures = generated_pictures(np.random.default_rng(seed), photos)
