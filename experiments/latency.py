@@ -1,7 +1,9 @@
-"""What serving the fold models costs: one image through the exported graph of a model and of k
-copies of it averaged (what ``adapt --finetune`` serves with ``site_model=folds``), interleaved.
+"""What the in-scope check and the fold models cost a served image: one image at a time through
+the exported graph of a model without its check, with it (the distance and the colour limit),
+and of k copies of the model averaged (what ``adapt --finetune`` serves with
+``site_model=folds``), interleaved.
 
-    python -m experiments.site_latency --model runs:/CHILD/model --folds 5 --out docs/site_latency_cpu.json
+    python -m experiments.latency --model runs:/CHILD/model --folds 5 --out docs/latency_cpu.json
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     model = load_logged_model(args.model)
     network, spec = model.network.cpu().eval(), model.spec
-    folds = torch.nn.ModuleList(copy.deepcopy(network) for _ in range(args.folds)).eval()
-    engines = {name: OnnxEngine(export_onnx(Scorer(net, spec), spec.channels, spec.img_size))
-               for name, net in (("one model", network), (f"{args.folds} fold models", folds))}
+    if model.scope is None:
+        raise SystemExit(f"{args.model} has no in-scope check to time")
     image = np.random.default_rng(0).integers(0, 256, (1, spec.channels, spec.img_size, spec.img_size), np.uint8)
+    scope = model.scope.with_colour_limit(np.array([0.1])) if not model.scope.coloured else model.scope
+    folds = torch.nn.ModuleList(copy.deepcopy(network) for _ in range(args.folds)).eval()
+    scorers = {"one model, no check": Scorer(network, spec), "one model with its check": Scorer(network, spec, "none", scope),
+               f"{args.folds} fold models": Scorer(folds, spec)}
+    engines = {name: OnnxEngine(export_onnx(scorer, spec.channels, spec.img_size)) for name, scorer in scorers.items()}
     result = {"model": args.model, "architecture": model.names[0], "img_size": spec.img_size,
               "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
               "p50_ms": p50_ms(engines, image)}
