@@ -21,6 +21,7 @@ import torch
 from melanoma.classifier.engine import OnnxEngine, export_onnx
 from melanoma.classifier.inference import Scorer
 from melanoma.classifier.logged import load_logged_model
+from melanoma.classifier.scope import ScopeModel
 
 
 def p50_ms(engines: dict[str, OnnxEngine], image: np.ndarray, rounds: int = 5, repeats: int = 50) -> dict[str, float]:
@@ -35,6 +36,20 @@ def p50_ms(engines: dict[str, OnnxEngine], image: np.ndarray, rounds: int = 5, r
     return {name: 1000 * float(np.median(v)) for name, v in samples.items()}
 
 
+def fold_models(network: torch.nn.Module, folds: int) -> torch.nn.ModuleList:
+    """``folds`` copies of ``network``, each nudged so that no two share weights (identical
+    members would be merged by the graph optimiser and cost nothing)."""
+    copies = []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(folds):
+        member = copy.deepcopy(network)
+        with torch.no_grad():
+            for p in member.parameters():
+                p.add_(1e-4 * torch.randn(p.shape, generator=generator))
+        copies.append(member)
+    return torch.nn.ModuleList(copies).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -46,10 +61,11 @@ def main() -> None:
     if model.scope is None:
         raise SystemExit(f"{args.model} has no in-scope check to time")
     image = np.random.default_rng(0).integers(0, 256, (1, spec.channels, spec.img_size, spec.img_size), np.uint8)
-    scope = model.scope.with_colour_limit(np.array([0.1])) if not model.scope.coloured else model.scope
-    folds = torch.nn.ModuleList(copy.deepcopy(network) for _ in range(args.folds)).eval()
-    scorers = {"one model, no check": Scorer(network, spec), "one model with its check": Scorer(network, spec, "none", scope),
-               f"{args.folds} fold models": Scorer(folds, spec)}
+    plain = ScopeModel.from_state({k: v for k, v in model.scope.state().items() if k != "colour_limit"})
+    coloured = plain.with_colour_limit(np.array([0.1]))
+    scorers = {"one model, no check": Scorer(network, spec), "with the distance": Scorer(network, spec, "none", plain),
+               "with the distance and the colour limit": Scorer(network, spec, "none", coloured),
+               f"{args.folds} fold models": Scorer(fold_models(network, args.folds), spec)}
     engines = {name: OnnxEngine(export_onnx(scorer, spec.channels, spec.img_size)) for name, scorer in scorers.items()}
     result = {"model": args.model, "architecture": model.names[0], "img_size": spec.img_size,
               "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
