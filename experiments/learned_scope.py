@@ -17,20 +17,16 @@ photos and generated pictures it did not learn from (another seed).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
-from experiments.heldout import children
-from experiments.scope_check import everyday_photos
+from experiments.scope_check import children_to_measure, everyday_photos, scope_arguments
 from melanoma.classifier.inference import scope_features, select_device
-from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import InvalidImageError, decode_for_model, preprocess
 from melanoma.classifier.scope import (
     IN_SCOPE_SHARE,
@@ -40,9 +36,7 @@ from melanoma.classifier.scope import (
     learn_boundary,
     threshold_for_share,
 )
-from melanoma.config import parse_params
 from melanoma.data.out_of_scope import generated_pictures
-from melanoma.data.training_data import load_data
 
 log = logging.getLogger(__name__)
 FIT_PHOTOS = 2000
@@ -81,62 +75,49 @@ def judge(scope: ScopeModel, val: Inputs, sets: dict[str, Inputs]) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", required=True)
-    parser.add_argument("--out-of-scope", type=Path, required=True)
-    parser.add_argument("--sources", default="", help="only these held-out sources (comma-separated)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-    for run_id in args.runs:
-        for source, child in sorted(children(run_id).items()):
-            if (args.sources and source not in args.sources.split(",")) or any(r["source"] == source for r in rows):
+    for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
+        d, rng = data.data, np.random.default_rng(cfg.seed)
+        fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
+        held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
+
+        def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
+            images = np.asarray(images)
+            return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
+
+        fit_x, val_x, held_x = inputs(d.images[fit]), inputs(d.images[data.val_idx]), inputs(d.images[held])
+        photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
+        generated_x, generated_new_x = inputs(generated(spec, photos, 0)), inputs(generated(spec, photos, 1))
+        everyday_x = inputs(np.stack([preprocess(p, spec) for p in everyday_photos()]))
+        skin, clinics, kinds = clinic_photos(args.out_of_scope, spec)
+        skin_x = inputs(skin)
+        distance = fit_scope(fit_x[0])
+
+        def coloured(scope: ScopeModel, val_colour=val_x[1]) -> ScopeModel:
+            return scope.with_colour_limit(val_colour)
+
+        common = {f"held-out source ({source})": held_x, "everyday photo": everyday_x,
+                  "generated, another seed": generated_new_x}
+        row = {"source": source, "child_run": child, "fitted_on": len(fit), "checks": {}}
+        skin_all = {**common, "skin photos, all clinics": skin_x}
+        row["checks"]["distance alone"] = judge(distance, val_x, skin_all)
+        row["checks"]["distance + colour limit"] = judge(coloured(distance), val_x, skin_all)
+        row["checks"]["+ boundary learned on generated"] = judge(
+            coloured(learn_boundary(distance, fit_x[0], generated_x[0], val_x[0])), val_x, skin_all)
+        for clinic in sorted(set(clinics)):
+            out = clinics == clinic
+            if out.sum() < 5:
                 continue
-            model = load_logged_model(f"runs:/{child}/model")
-            network, spec = model.network.to(device).eval(), model.spec
-            cfg = parse_params(mlflow.MlflowClient().get_run(child).data.params)
-            data = load_data(cfg, spec)
-            d, rng = data.data, np.random.default_rng(cfg.seed)
-            fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
-            held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
-
-            def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
-                images = np.asarray(images)
-                return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
-
-            fit_x, val_x, held_x = inputs(d.images[fit]), inputs(d.images[data.val_idx]), inputs(d.images[held])
-            photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
-            generated_x, generated_new_x = inputs(generated(spec, photos, 0)), inputs(generated(spec, photos, 1))
-            everyday_x = inputs(np.stack([preprocess(p, spec) for p in everyday_photos()]))
-            skin, clinics, kinds = clinic_photos(args.out_of_scope, spec)
-            skin_x = inputs(skin)
-            distance = fit_scope(fit_x[0])
-
-            def coloured(scope: ScopeModel, val_colour=val_x[1]) -> ScopeModel:
-                return scope.with_colour_limit(val_colour)
-
-            common = {f"held-out source ({source})": held_x, "everyday photo": everyday_x,
-                      "generated, another seed": generated_new_x}
-            row = {"source": source, "child_run": child, "fitted_on": len(fit), "checks": {}}
-            skin_all = {**common, "skin photos, all clinics": skin_x}
-            row["checks"]["distance alone"] = judge(distance, val_x, skin_all)
-            row["checks"]["distance + colour limit"] = judge(coloured(distance), val_x, skin_all)
-            row["checks"]["+ boundary learned on generated"] = judge(
-                coloured(learn_boundary(distance, fit_x[0], generated_x[0], val_x[0])), val_x, skin_all)
-            for clinic in sorted(set(clinics)):
-                out = clinics == clinic
-                if out.sum() < 5:
-                    continue
-                learned = learn_boundary(distance, fit_x[0], np.concatenate([generated_x[0], skin_x[0][~out]]),
-                                         val_x[0])
-                left_out = f"skin photos of {clinic} ({out.sum()}, {', '.join(sorted(set(kinds[out])))})"
-                row["checks"][f"+ boundary learned on generated + skin photos but {clinic}"] = judge(
-                    coloured(learned), val_x, {**common, left_out: (skin_x[0][out], skin_x[1][out])})
-            rows.append(row)
-            log.info("%s", json.dumps(row)[:3000])
-            args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))
+            learned = learn_boundary(distance, fit_x[0], np.concatenate([generated_x[0], skin_x[0][~out]]),
+                                     val_x[0])
+            left_out = f"skin photos of {clinic} ({out.sum()}, {', '.join(sorted(set(kinds[out])))})"
+            row["checks"][f"+ boundary learned on generated + skin photos but {clinic}"] = judge(
+                coloured(learned), val_x, {**common, left_out: (skin_x[0][out], skin_x[1][out])})
+        rows.append(row)
+        log.info("%s", json.dumps(row)[:3000])
+        args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 
@@ -130,48 +132,59 @@ def latency(network, spec, scope, photo: np.ndarray, rounds: int = 5, repeats: i
     return {f"latency_p50_ms_{name}": 1000 * float(np.median(v)) for name, v in samples.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", required=True)
+def scope_arguments(description: str) -> argparse.Namespace:
+    """The command line of the scope experiments (this one and ``learned_scope``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
     parser.add_argument("--out-of-scope", type=Path, required=True)
     parser.add_argument("--sources", default="", help="only these held-out sources (comma-separated)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = select_device()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    return args
+
+
+def children_to_measure(args: argparse.Namespace, rows: list[dict], device: torch.device) -> Iterator[tuple]:
+    """Each child asked for and not yet in ``rows``: its held-out source, run id, network (in
+    eval mode on ``device``), preprocessing spec, settings and data."""
     for run_id in args.runs:
         for source, child in sorted(children(run_id).items()):
             if (args.sources and source not in args.sources.split(",")) or any(r["source"] == source for r in rows):
                 continue
             model = load_logged_model(f"runs:/{child}/model")
-            network, spec = model.network.to(device).eval(), model.spec
-            cfg = parse_params(__import__("mlflow").MlflowClient().get_run(child).data.params)
-            data = load_data(cfg, spec)
-            d = data.data
-            scope = fit_scope_model(network, spec, d, data, device, cfg.seed)
-            fit_photos = np.sort(np.random.default_rng(cfg.seed).permutation(data.fit_idx)[:5000])
-            head_scope = fit_scope(penultimate(network, spec, np.asarray(d.images[fit_photos]), device))
-            sets = {"validation": np.asarray(d.images[data.val_idx]),
-                    f"held-out source ({source})": np.asarray(d.images[data.holdout_idx])}
-            out_of_scope = {f"skin photo, {k}": v for k, v in folder_inputs(args.out_of_scope, spec).items()}
-            everyday = everyday_photos()
-            out_of_scope["everyday photo"] = np.stack([preprocess(p, spec) for p in everyday])
-            photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
-            for kind, pictures in generated_pictures(np.random.default_rng(0), photos, per_kind=16).items():
-                out_of_scope[f"generated, {kind}"] = np.stack([preprocess(p, spec) for p in pictures])
-            val_scores = scores(network, spec, scope, head_scope, sets["validation"], device)
-            thresholds = {name: threshold_for_share(v, IN_SCOPE_SHARE) for name, v in val_scores.items()}
-            row = {"source": source, "child_run": child, "fitted_on": int(min(len(data.fit_idx), 5000)),
-                   "threshold": thresholds}
-            for name, images in {**sets, **out_of_scope}.items():
-                s = scores(network, spec, scope, head_scope, images, device)
-                row[name] = {"photos": int(len(images)),
-                             **{score: float(np.mean(s[score] <= thresholds[score])) for score in s}}
-            row.update(latency(network.cpu(), spec, scope, np.asarray(d.images[data.val_idx[:1]])))
-            rows.append(row)
-            log.info("%s", json.dumps(row)[:2000])
-            args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))
+            cfg = parse_params(mlflow.MlflowClient().get_run(child).data.params)
+            yield source, child, model.network.to(device).eval(), model.spec, cfg, load_data(cfg, model.spec)
+
+
+def main() -> None:
+    args = scope_arguments(__doc__.splitlines()[0])
+    device = select_device()
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
+        d = data.data
+        scope = fit_scope_model(network, spec, d, data, device, cfg.seed)
+        fit_photos = np.sort(np.random.default_rng(cfg.seed).permutation(data.fit_idx)[:5000])
+        head_scope = fit_scope(penultimate(network, spec, np.asarray(d.images[fit_photos]), device))
+        sets = {"validation": np.asarray(d.images[data.val_idx]),
+                f"held-out source ({source})": np.asarray(d.images[data.holdout_idx])}
+        out_of_scope = {f"skin photo, {k}": v for k, v in folder_inputs(args.out_of_scope, spec).items()}
+        everyday = everyday_photos()
+        out_of_scope["everyday photo"] = np.stack([preprocess(p, spec) for p in everyday])
+        photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]
+        for kind, pictures in generated_pictures(np.random.default_rng(0), photos, per_kind=16).items():
+            out_of_scope[f"generated, {kind}"] = np.stack([preprocess(p, spec) for p in pictures])
+        val_scores = scores(network, spec, scope, head_scope, sets["validation"], device)
+        thresholds = {name: threshold_for_share(v, IN_SCOPE_SHARE) for name, v in val_scores.items()}
+        row = {"source": source, "child_run": child, "fitted_on": int(min(len(data.fit_idx), 5000)),
+               "threshold": thresholds}
+        for name, images in {**sets, **out_of_scope}.items():
+            s = scores(network, spec, scope, head_scope, images, device)
+            row[name] = {"photos": int(len(images)),
+                         **{score: float(np.mean(s[score] <= thresholds[score])) for score in s}}
+        row.update(latency(network.cpu(), spec, scope, np.asarray(d.images[data.val_idx[:1]])))
+        rows.append(row)
+        log.info("%s", json.dumps(row)[:2000])
+        args.out.write_text(json.dumps({"in_scope_share": IN_SCOPE_SHARE, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
