@@ -131,7 +131,7 @@ def learn_boundary(scope: ScopeModel, inside: np.ndarray, outside: np.ndarray, v
     logistic regression on standardised features. The distance and the boundary each get a limit
     that keeps (1 + ``share``) / 2 of the ``validation`` features in, so that together they keep
     about ``share``; the final threshold is set on the served scores as without a boundary."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # here: not among the served model's requirements
 
     inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
     # A floor under each feature's spread: a nearly constant statistic must not blow up in float32.
