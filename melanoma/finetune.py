@@ -107,15 +107,6 @@ def finetune(network: nn.Module, spec: PreprocessSpec, images: np.ndarray, label
     ``replay_share`` of every batch comes from them. ``on_epoch(epoch, scorer)`` sees the model
     after each epoch, in eval mode. An ensemble trains on its averaged logits. The seed fixes
     everything random (order, flips, dropout), so a run can be repeated (exactly on the CPU)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # dropout's draws, without touching the caller's
-        torch.manual_seed(seed)
-        return _finetune(network, spec, images, labels, recipe, epochs, device, seed, batch_size, replay,
-                         replay_share, on_epoch)
-
-
-def _finetune(network, spec, images, labels, recipe, epochs, device, seed, batch_size, replay, replay_share,
-              on_epoch) -> nn.Module:
     tuned = copy.deepcopy(network).to(device).float()
     scorer = Scorer(tuned, spec).to(device)
     for p in tuned.parameters():
@@ -128,26 +119,29 @@ def _finetune(network, spec, images, labels, recipe, epochs, device, seed, batch
     site_images, site_labels = torch.from_numpy(np.asarray(images)), torch.from_numpy(np.asarray(labels))
     weights = class_weights(np.asarray(labels)).to(device)
     n_replay = int(round(batch_size * replay_share)) if replay is not None else 0
-    for epoch in range(1, epochs + 1):
-        tuned.train(recipe.layers == "all")  # head alone: BatchNorm statistics stay the model's
-        order = torch.randperm(len(site_images), generator=generator)
-        step = batch_size - n_replay
-        for start in tqdm(range(0, len(order), step), desc=f"fine-tune {recipe} epoch {epoch}", leave=False):
-            idx = order[start:start + step]
-            x, y = site_images[idx], site_labels[idx]
-            if n_replay:
-                pick = torch.randint(0, len(replay[0]), (n_replay,), generator=generator)
-                x = torch.cat([x, torch.from_numpy(np.asarray(replay[0][pick.numpy()]))])
-                y = torch.cat([y, torch.from_numpy(np.asarray(replay[1][pick.numpy()]))])
-            x = augment(x.to(device).float().div_(255), "flip", generator)
-            with autocast(device):
-                loss = F.cross_entropy(scorer(x).float(), y.to(device), weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        tuned.eval()
-        if on_epoch is not None:
-            on_epoch(epoch, scorer)
+    step = batch_size - n_replay  # site photos per batch
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout's draws seeded, the caller's left alone
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            tuned.train(recipe.layers == "all")  # head alone: BatchNorm statistics stay the model's
+            order = torch.randperm(len(site_images), generator=generator)
+            for start in tqdm(range(0, len(order), step), desc=f"fine-tune {recipe} epoch {epoch}", leave=False):
+                idx = order[start:start + step]
+                x, y = site_images[idx], site_labels[idx]
+                if n_replay:
+                    pick = torch.randint(0, len(replay[0]), (n_replay,), generator=generator)
+                    x = torch.cat([x, torch.from_numpy(np.asarray(replay[0][pick.numpy()]))])
+                    y = torch.cat([y, torch.from_numpy(np.asarray(replay[1][pick.numpy()]))])
+                x = augment(x.to(device).float().div_(255), "flip", generator)
+                with autocast(device):
+                    loss = F.cross_entropy(scorer(x).float(), y.to(device), weight=weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            tuned.eval()
+            if on_epoch is not None:
+                on_epoch(epoch, scorer)
     for p in tuned.parameters():
         p.requires_grad_(True)
     return tuned.eval()

@@ -92,11 +92,8 @@ class ScopeModel(nn.Module):
     def with_colour_limit(self, validation_colour: np.ndarray, share: float = IN_SCOPE_SHARE) -> ScopeModel:
         """This check with a colour limit: ``GREY_SHARE`` of the colour spread that all but
         (1 - ``share``) / 2 of the validation photos reach."""
-        state = self.state()
-        boundary = {k: state[k] for k in BOUNDARY_KEYS} if self.learned else None
         palest = float(np.quantile(np.asarray(validation_colour, np.float64), (1 - share) / 2))
-        return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"],
-                          self.threshold, boundary, GREY_SHARE * palest)
+        return ScopeModel.from_state({**self.state(), "colour_limit": torch.tensor(GREY_SHARE * palest)})
 
 
 def colourfulness(images: torch.Tensor) -> torch.Tensor:
@@ -146,9 +143,7 @@ def learn_boundary(scope: ScopeModel, inside: np.ndarray, outside: np.ndarray, v
                 "distance_limit": torch.tensor(threshold_for_share(scope.distance(val).numpy(), limit_share)),
                 "boundary_limit": torch.tensor(threshold_for_share((np.asarray(validation) - mean) / scale @ weight + bias,
                                                                    limit_share))}
-    state = scope.state()
-    return ScopeModel(state["mean"], state["components"], state["scales"], state["residual_scale"], boundary=boundary,
-                      colour_limit=float(state["colour_limit"]) if scope.coloured else None)
+    return ScopeModel.from_state({**scope.state(), **boundary})
 
 
 def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:

@@ -134,6 +134,7 @@ def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: Prepared
     inside = scope_features(model, np.asarray(data.images[chosen]), spec, device)
     scope = fit_scope(inside)
     if negatives is not None:
+        mlflow.log_metric("scope_negatives_supplied", len(negatives))
         scope = learn_boundary(scope, inside, outside_features(model, spec, data, run_data, device, seed, negatives),
                                scope_features(model, np.asarray(data.images[run_data.val_idx]), spec, device))
     if spec.channels == 3:
@@ -151,7 +152,6 @@ def outside_features(model: torch.nn.Module, spec: PreprocessSpec, data: Prepare
     # Another seed than the generated pictures the run reports as caught (log_scope_checks).
     made = [preprocess(p, spec) for kind in generated_pictures(np.random.default_rng(seed + 1), photos, 16).values()
             for p in kind]
-    mlflow.log_metric("scope_negatives_supplied", len(negatives))
     return scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
 
 
