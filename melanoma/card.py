@@ -224,7 +224,8 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
               if (key := f"{names.SCOPE.format('generated_' + kind.replace(' ', '_'))}caught") in metrics]
     return ["## In scope",
             "Every answer says whether the photo is one the model is made for: a photo whose feature statistics lie "
-            f"further from the training photos' than those of {share:.0%} of the validation photos is out of scope "
+            f"further from the training photos' than those of {share:.0%} of each source's validation photos is out of "
+            "scope "
             f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
             "out of scope.", "", *scope_limits(metrics),
             "- Photos in scope: " + (", ".join(kept) or "-") + ".",

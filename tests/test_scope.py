@@ -28,6 +28,7 @@ from melanoma.classifier.scope import (
     fit_scope,
     learn_boundary,
     threshold_for_share,
+    threshold_for_sources,
 )
 from melanoma.cli import main
 from melanoma.data.out_of_scope import generated_pictures
@@ -95,6 +96,19 @@ def test_the_colour_limit_multiplies_the_score_of_paler_pictures_only():
     with pytest.raises(ValueError, match="colourfulness"):
         scope(features)
     assert ScopeModel.from_state(scope.state()).coloured
+
+
+def test_every_source_keeps_the_stated_share_where_a_pooled_threshold_would_leave_a_small_one_out():
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(0, 1, 2000), rng.normal(1.5, 1, 200)]  # a large source, and a smaller, further one
+    sources = np.array(["large"] * 2000 + ["small"] * 200)
+    pooled = threshold_for_share(scores)
+    assert np.mean(scores[sources == "small"] <= pooled) < IN_SCOPE_SHARE  # the small source pays for the pooling
+    threshold = threshold_for_sources(scores, sources)
+    for source in ("large", "small"):
+        assert np.mean(scores[sources == source] <= threshold) >= IN_SCOPE_SHARE
+    assert threshold == max(threshold_for_share(scores[sources == s]) for s in ("large", "small"))
+    assert threshold_for_sources(scores, np.full(len(scores), "one")) == pooled  # one source: as before
 
 
 def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_root, tmp_path, capsys):

@@ -4,7 +4,8 @@ The scope score is a distance of a photo's feature statistics (the mean and stan
 of each channel at every stage of the network, shallow to deep) to those of the training photos:
 the Mahalanobis distance within their principal subspace plus the distance off it (the subspace
 keeps it cheap and well conditioned with a few thousand photos). It is fitted when a model is
-logged, its threshold set so that a stated share of the validation photos is in scope, and it
+logged, its threshold set so that a stated share of every training source's validation photos is
+in scope, and it
 runs inside the exported graph, on the photo's own view, beside the logits. The penultimate
 features alone, the max-logit and the energy scores were measured and caught almost nothing on
 a real model (docs/results.md): a fine-tuned classifier maps unfamiliar pictures onto familiar
@@ -149,6 +150,14 @@ def learn_boundary(scope: ScopeModel, inside: np.ndarray, outside: np.ndarray, v
 def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:
     """The score below which ``share`` of ``scores`` (validation photos) fall."""
     return float(np.quantile(np.asarray(scores, dtype=np.float64), share, method="higher"))
+
+
+def threshold_for_sources(scores: np.ndarray, sources: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:
+    """The score below which ``share`` of every source's ``scores`` fall: the largest of the
+    sources' own thresholds. A pooled threshold lets the largest source decide, and a smaller
+    one's photos become the ones left out (and a new clinic's with them: docs/results.md)."""
+    scores, sources = np.asarray(scores), np.asarray(sources)
+    return max(threshold_for_share(scores[sources == source], share) for source in np.unique(sources))
 
 
 def stage_statistics(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

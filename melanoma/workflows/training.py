@@ -33,7 +33,7 @@ from melanoma.classifier.scope import (
     colourfulness,
     fit_scope,
     learn_boundary,
-    threshold_for_share,
+    threshold_for_sources,
 )
 from melanoma.config import TrainConfig, settings_params
 from melanoma.data.dataset import PreparedData, cache_dir, decode_folder
@@ -155,10 +155,10 @@ def outside_features(model: torch.nn.Module, spec: PreprocessSpec, data: Prepare
     return scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
 
 
-def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray) -> None:
-    """The threshold that keeps ``IN_SCOPE_SHARE`` of the validation photos in scope, on the
-    scores the serving engine computes (its precision, not the fitting's)."""
-    scope.threshold = threshold_for_share(engine.outputs(val_images)[1].numpy(), IN_SCOPE_SHARE)
+def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray, val_sources: np.ndarray) -> None:
+    """The threshold that keeps ``IN_SCOPE_SHARE`` of each source's validation photos in scope,
+    on the scores the serving engine computes (its precision, not the fitting's)."""
+    scope.threshold = threshold_for_sources(engine.outputs(val_images)[1].numpy(), val_sources, IN_SCOPE_SHARE)
 
 
 def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict[str, np.ndarray],
@@ -257,7 +257,7 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
                                                np.asarray(data.images[val_idx[:256]]), device)
     mlflow.set_tag("scoring_engine", engine.name)
     if scope is not None:
-        set_scope_threshold(scope, engine, np.asarray(data.images[val_idx]))
+        set_scope_threshold(scope, engine, np.asarray(data.images[val_idx]), data.sources[val_idx])
     mlflow.log_metric("onnx_max_probability_difference", difference)
 
     def logits_of(idx: np.ndarray) -> torch.Tensor:
