@@ -242,7 +242,10 @@ def scope_limits(metrics: dict[str, float]) -> list[str]:
                   "radiograph, a scan, a black-and-white photo) is out of scope too.", ""]
     supplied = metrics.get("scope_negatives_supplied")
     if supplied is None:
-        return lines
+        return lines + ["Photos of skin taken without a dermoscope (clinical close-ups, total-body photography) mostly "
+                        "stay in scope: the check cannot tell them from dermoscopy, and the figures on this card do not "
+                        "hold for them. Send dermoscopy photos only, or train with `scope_negatives` (a folder of such "
+                        "photos) to learn a boundary against them (docs/results.md).", ""]
     return lines + [f"The check also learned a boundary from {supplied:.0f} pictures supplied as out of scope "
             "(`scope_negatives`) and generated ones: a photo beyond the distance's or the boundary's limit is out of "
             "scope. Pictures like the supplied ones are caught more often; how often, for kinds never supplied, only a "

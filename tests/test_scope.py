@@ -69,6 +69,7 @@ def test_a_trained_model_keeps_its_validation_photos_in_scope_and_flags_generate
     assert metrics["scope_generated_grey_photo_caught"] == pytest.approx(1.0)
     card = mlflow.artifacts.load_text(f"{model_uri.rsplit('/', 1)[0]}/{CARD_FILE}")
     assert "grey photo 100%" in card and "A picture with less colour than a tenth" in card
+    assert "Photos of skin taken without a dermoscope" in card and "mostly stay in scope" in card
 
 
 def test_a_grey_picture_of_a_lesion_is_out_of_scope_where_its_colour_photo_is_not(model_uri, demo_root):
@@ -136,6 +137,7 @@ def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_
     assert model.scope.learned
     card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{CARD_FILE}")
     assert "learned a boundary from 12 pictures supplied as out of scope" in card
+    assert "mostly stay in scope" not in card
 
 
 def test_the_served_answer_says_whether_a_photo_is_in_scope(model_uri, demo_root, monkeypatch):
