@@ -216,18 +216,19 @@ def scope_section(params: dict[str, str], metrics: dict[str, float]) -> list[str
         return ["## In scope", "No in-scope check (a model logged before the check existed, or an ensemble): it "
                 "cannot tell a dermoscopy photo from anything else, and answers for any picture.", ""]
     share = metrics.get("scope_in_scope_share_target", float("nan"))
-    sets = {"validation": "val", **{f"held-out source {s}": s for s in listed(params.get("holdout_source"))},
-            "test": "test"}
+    each_source = [k[len("scope_val_"):-len("_in_scope")] for k in sorted(metrics)
+                   if k.startswith("scope_val_") and k.endswith("_in_scope") and k != "scope_val_in_scope"]
+    sets = {"validation": "val", **{f"validation, {s}": f"val_{s}" for s in each_source},
+            **{f"held-out source {s}": s for s in listed(params.get("holdout_source"))}, "test": "test"}
     kept = [f"{name} {metrics[f'{names.SCOPE.format(key)}in_scope']:.1%}" for name, key in sets.items()
             if f"{names.SCOPE.format(key)}in_scope" in metrics]
     caught = [f"{kind} {metrics[key]:.0%}" for kind in GENERATED_KINDS
               if (key := f"{names.SCOPE.format('generated_' + kind.replace(' ', '_'))}caught") in metrics]
     return ["## In scope",
             "Every answer says whether the photo is one the model is made for: a photo whose feature statistics lie "
-            f"further from the training photos' than those of {share:.0%} of each source's validation photos is out of "
-            "scope "
-            f"(score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label says it is "
-            "out of scope.", "", *scope_limits(metrics),
+            f"further from the training photos' than those of {share:.0%} of each source's validation photos is "
+            f"out of scope (score threshold {metrics['scope_threshold']:.3g}); it keeps its probability, and its label "
+            "says it is out of scope.", "", *scope_limits(metrics),
             "- Photos in scope: " + (", ".join(kept) or "-") + ".",
             "- Generated pictures caught: " + (", ".join(caught) or "-") + ".",
             "- Measured on real non-dermoscopic skin photos and everyday photos: docs/results.md.", ""]
@@ -242,10 +243,10 @@ def scope_limits(metrics: dict[str, float]) -> list[str]:
                   "radiograph, a scan, a black-and-white photo) is out of scope too.", ""]
     supplied = metrics.get("scope_negatives_supplied")
     if supplied is None:
-        return lines + ["Photos of skin taken without a dermoscope (clinical close-ups, total-body photography) mostly "
-                        "stay in scope: the check cannot tell them from dermoscopy, and the figures on this card do not "
-                        "hold for them. Send dermoscopy photos only, or train with `scope_negatives` (a folder of such "
-                        "photos) to learn a boundary against them (docs/results.md).", ""]
+        return lines + ["Photos of skin taken without a dermoscope (clinical close-ups, total-body photography) "
+                        "mostly stay in scope: the check cannot tell them from dermoscopy, and the figures on this card "
+                        "do not hold for them. Send dermoscopy photos only, or train with `scope_negatives` (a folder of "
+                        "such photos) to learn a boundary against them (docs/results.md).", ""]
     return lines + [f"The check also learned a boundary from {supplied:.0f} pictures supplied as out of scope "
             "(`scope_negatives`) and generated ones: a photo beyond the distance's or the boundary's limit is out of "
             "scope. Pictures like the supplied ones are caught more often; how often, for kinds never supplied, only a "

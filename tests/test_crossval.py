@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from melanoma.classifier.logged import load_logged_model
 from melanoma.classifier.preprocessing import PreprocessSpec
+from melanoma.classifier.scope import IN_SCOPE_SHARE
 from melanoma.config import CrossvalSettings, TrainConfig
 from melanoma.data.combine import load_datasets
 from melanoma.data.demo import make_demo_dataset
@@ -133,6 +134,9 @@ def test_crossval_trains_a_child_per_source_and_a_final_model(sources):
     assert client.get_run(parent.info.run_id).data.tags["model_uri"] == summary["model_uri"]
     card = mlflow.artifacts.load_text(f"runs:/{final[0].info.run_id}/model_card.md")
     assert "Rule: the threshold that travels" in card and "| isic |" in card
+    for source in held:  # the in-scope check keeps the stated share of every source's photos, not only of all
+        assert final[0].data.metrics[f"scope_val_{source}_in_scope"] >= IN_SCOPE_SHARE
+        assert f"validation, {source} " in card
     served = load_logged_model(summary["model_uri"])
     assert served.rule.name == "crossval" and served.threshold == pytest.approx(summary["final_threshold"])
     assert served.rule.validation_sensitivity == pytest.approx(summary["travel_sensitivity"])

@@ -5,11 +5,10 @@ of each channel at every stage of the network, shallow to deep) to those of the 
 the Mahalanobis distance within their principal subspace plus the distance off it (the subspace
 keeps it cheap and well conditioned with a few thousand photos). It is fitted when a model is
 logged, its threshold set so that a stated share of every training source's validation photos is
-in scope, and it
-runs inside the exported graph, on the photo's own view, beside the logits. The penultimate
-features alone, the max-logit and the energy scores were measured and caught almost nothing on
-a real model (docs/results.md): a fine-tuned classifier maps unfamiliar pictures onto familiar
-features, while the statistics of its earlier stages still see them.
+in scope, and it runs inside the exported graph, on the photo's own view, beside the logits.
+The penultimate features alone, the max-logit and the energy scores were measured and caught
+almost nothing on a real model (docs/results.md): a fine-tuned classifier maps unfamiliar
+pictures onto familiar features, while the statistics of its earlier stages still see them.
 
 Skin photos taken without a dermoscope sit close to dermoscopy in that distance. Given pictures
 known to be out of scope (``learn_boundary``), the check also learns a boundary on the same

@@ -300,7 +300,10 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
                         "evaluation/operating_point_by_set.png")
     if scope is not None:
-        in_scope = {"val": val_idx, **({cfg.holdout_source: run_data.holdout_idx} if len(run_data.holdout_idx) else {}),
+        val_sources = data.sources[val_idx]
+        each_source = {f"val_{s}": val_idx[val_sources == s] for s in np.unique(val_sources)}
+        in_scope = {"val": val_idx, **(each_source if len(each_source) > 1 else {}),
+                    **({cfg.holdout_source: run_data.holdout_idx} if len(run_data.holdout_idx) else {}),
                     **({"test": test_idx} if len(test_idx) else {})}
         log_scope_checks(engine, scope, spec, {name: np.asarray(data.images[idx]) for name, idx in in_scope.items()},
                          [decode_for_model(read_file(data.locations[i], data.paths[i]), spec)
