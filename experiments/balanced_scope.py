@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
 import numpy as np
 import torch
 
-from experiments.learned_scope import FIT_PHOTOS, Inputs, clinic_photos, generated
+from experiments.learned_scope import FIT_PHOTOS, Inputs, check_inputs, clinic_photos, generated
 from experiments.scope_check import children_to_measure, everyday_photos, scope_arguments
-from melanoma.classifier.inference import scope_features, select_device
+from melanoma.classifier.inference import select_device
 from melanoma.classifier.preprocessing import preprocess
-from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, colourfulness, fit_scope, threshold_for_share
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, threshold_for_share
 
 log = logging.getLogger(__name__)
 HELD_PHOTOS = 800
@@ -42,24 +43,20 @@ def balanced_sample(indices: np.ndarray, sources: np.ndarray, count: int, rng: n
 
 
 def main() -> None:
-    args = scope_arguments(__doc__.splitlines()[0])
+    args, rows = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
         d, rng = data.data, np.random.default_rng(cfg.seed)
         sources = np.asarray(d.sources)
         fits = {"random": np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS]),
                 "balanced": balanced_sample(np.asarray(data.fit_idx), sources, FIT_PHOTOS, rng)}
         held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
-
-        def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
-            images = np.asarray(images)
-            return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
+        inputs = partial(check_inputs, network, spec, device)
 
         val = np.asarray(data.val_idx)
         val_x = inputs(d.images[val])
         photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[val[:16]])]
-        skin, _, kinds = clinic_photos(args.out_of_scope, spec)
+        skin, _, _ = clinic_photos(args.out_of_scope, spec)
         sets = {f"held-out source ({source})": inputs(d.images[held]),
                 "everyday photo": inputs(np.stack([preprocess(p, spec) for p in everyday_photos()])),
                 "generated": inputs(generated(spec, photos, 1)), "skin photos (all 130)": inputs(skin)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,19 @@ def generated(spec, photos: list[np.ndarray], seed: int) -> np.ndarray:
 Inputs = tuple[np.ndarray, np.ndarray]  # the pictures' stage statistics and colourfulness
 
 
+def fit_and_held(data, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training photos the check is fitted on and the held-out source's photos it is judged
+    on, drawn as every scope experiment draws them."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS]), np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
+
+
+def check_inputs(network: torch.nn.Module, spec, device: torch.device, images: np.ndarray) -> Inputs:
+    """What the check reads of model inputs: their stage statistics and colourfulness."""
+    images = np.asarray(images)
+    return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
+
+
 def judge(scope: ScopeModel, val: Inputs, sets: dict[str, Inputs]) -> dict[str, float]:
     """The share of each set flagged, at the threshold that keeps 99 % of validation in scope."""
     def score(inputs: Inputs) -> np.ndarray:
@@ -75,17 +89,12 @@ def judge(scope: ScopeModel, val: Inputs, sets: dict[str, Inputs]) -> dict[str, 
 
 
 def main() -> None:
-    args = scope_arguments(__doc__.splitlines()[0])
+    args, rows = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
-        d, rng = data.data, np.random.default_rng(cfg.seed)
-        fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
-        held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
-
-        def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
-            images = np.asarray(images)
-            return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
+        d = data.data
+        fit, held = fit_and_held(data, cfg.seed)
+        inputs = partial(check_inputs, network, spec, device)
 
         fit_x, val_x, held_x = inputs(d.images[fit]), inputs(d.images[data.val_idx]), inputs(d.images[held])
         photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]

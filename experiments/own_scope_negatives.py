@@ -17,40 +17,29 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
 import numpy as np
 import torch
 
-from experiments.learned_scope import FIT_PHOTOS, HELD_PHOTOS, Inputs, clinic_photos, generated
+from experiments.learned_scope import Inputs, check_inputs, clinic_photos, fit_and_held, generated
 from experiments.scope_check import children_to_measure, everyday_photos, scope_arguments
-from melanoma.classifier.inference import scope_features, select_device
+from melanoma.classifier.inference import select_device
 from melanoma.classifier.preprocessing import preprocess
-from melanoma.classifier.scope import (
-    IN_SCOPE_SHARE,
-    ScopeModel,
-    colourfulness,
-    fit_scope,
-    learn_boundary,
-    threshold_for_sources,
-)
+from melanoma.classifier.scope import IN_SCOPE_SHARE, ScopeModel, fit_scope, learn_boundary, threshold_for_sources
 
 log = logging.getLogger(__name__)
 MIN_PHOTOS = 10
 
 
 def main() -> None:
-    args = scope_arguments(__doc__.splitlines()[0])
+    args, rows = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
-        d, rng = data.data, np.random.default_rng(cfg.seed)
-        fit = np.sort(rng.permutation(data.fit_idx)[:FIT_PHOTOS])
-        held = np.sort(rng.permutation(data.holdout_idx)[:HELD_PHOTOS])
+        d = data.data
+        fit, held = fit_and_held(data, cfg.seed)
         val_sources = np.asarray(d.sources)[data.val_idx]
-
-        def inputs(images: np.ndarray, network=network, spec=spec) -> Inputs:
-            images = np.asarray(images)
-            return scope_features(network, images, spec, device), colourfulness(torch.from_numpy(images)).numpy()
+        inputs = partial(check_inputs, network, spec, device)
 
         fit_x, val_x = inputs(d.images[fit]), inputs(d.images[data.val_idx])
         photos = [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in np.asarray(d.images[data.val_idx[:16]])]

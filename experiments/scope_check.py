@@ -132,8 +132,9 @@ def latency(network, spec, scope, photo: np.ndarray, rounds: int = 5, repeats: i
     return {f"latency_p50_ms_{name}": 1000 * float(np.median(v)) for name, v in samples.items()}
 
 
-def scope_arguments(description: str) -> argparse.Namespace:
-    """The command line of the scope experiments (this one and ``learned_scope``)."""
+def scope_arguments(description: str) -> tuple[argparse.Namespace, list[dict]]:
+    """The command line of the scope experiments, and the rows an earlier run left in ``--out``
+    (a stopped experiment resumes where it stopped)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", nargs="+", required=True, help="crossval run ids")
     parser.add_argument("--out-of-scope", type=Path, required=True)
@@ -141,7 +142,7 @@ def scope_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args
+    return args, json.loads(args.out.read_text())["rows"] if args.out.exists() else []
 
 
 def children_to_measure(args: argparse.Namespace, rows: list[dict], device: torch.device) -> Iterator[tuple]:
@@ -157,9 +158,8 @@ def children_to_measure(args: argparse.Namespace, rows: list[dict], device: torc
 
 
 def main() -> None:
-    args = scope_arguments(__doc__.splitlines()[0])
+    args, rows = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
         d = data.data
         scope = fit_scope_model(network, spec, d, data, device, cfg.seed)

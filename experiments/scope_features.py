@@ -113,14 +113,13 @@ def judge(x: np.ndarray, fit: np.ndarray, val: np.ndarray, val_sources: np.ndarr
 
 
 def main() -> None:
-    args = scope_arguments(__doc__.splitlines()[0])
+    args, rows = scope_arguments(__doc__.splitlines()[0])
     device = select_device()
     imagenet = build_model("efficientnet_lite0", 3, "true").to(device).eval()
     with (args.out_of_scope / "images.csv").open(newline="") as handle:
         listed = list(csv.DictReader(handle))
     skin_photos = [decode_image((args.out_of_scope / row["file"]).read_bytes()) for row in listed]
     clinics = np.array([row["attribution"] for row in listed])
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for source, child, network, spec, cfg, data in children_to_measure(args, rows, device):
         d, rng = data.data, np.random.default_rng(cfg.seed)
         sources = np.asarray(d.sources)
