@@ -3,16 +3,17 @@
     python -m experiments.balanced_scope --runs CROSSVAL_ID --out-of-scope ../shared/data/out_of_scope_dev \
         --out docs/balanced_scope_cpu.json
 
-The check is fitted on training photos drawn at random, so the largest source shapes it, and
-thresholded at 99 % of the pooled validation photos, so a smaller source's photos may be the
+The check was fitted on training photos drawn at random, so the largest source shaped it, and
+thresholded at 99 % of the pooled validation photos, so a smaller source's photos could be the
 ones left out. For each child of a finished cross-source validation (a model trained without one
 source), four variants of the default check (distance + colour limit), each judged on the source
 the child never saw (which must stay in scope), the non-dermoscopic skin photos, everyday photos
 and generated pictures:
 
-- ``pooled``: as training does today (random fit photos, 99 % of pooled validation);
+- ``pooled``: as training did before this experiment (random fit photos, 99 % of pooled validation);
 - ``balanced fit``: the same number of fit photos, an equal share from each source;
-- ``per-source threshold``: the threshold that keeps 99 % of every source's validation photos;
+- ``per-source threshold``: the threshold that keeps 99 % of every source's validation photos
+  (what training does since);
 - ``both``.
 """
 

@@ -59,7 +59,9 @@ class TriedModel:
                     "and every figure on the model card do not apply to it. Take a dermoscopy photo of one lesion.")
         if check == SCOPE_ABSENT:
             return "This model has no in-scope check: it cannot tell whether a photo is one it was made for."
-        return "In scope: a dermoscopy photo like the model's training photos."
+        return ("In scope: nothing sets this photo apart from the model's dermoscopy training photos. The check does "
+                "not tell a photo taken without a dermoscope from one taken with it: the answer holds for dermoscopy "
+                "photos only.")
 
     def score(self, image: bytes) -> dict:
         """The served model's answer for one image file, with the overlay; ValueError names what

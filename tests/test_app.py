@@ -94,7 +94,7 @@ def test_the_page_scores_an_uploaded_photo_and_shows_errors_in_words(app_url, de
         assert "operating threshold" in page.inner_text("#in-words")
         page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
         assert page.evaluate("document.getElementById('overlay').naturalWidth") == 64  # the photo's own size
-        assert "In scope" in page.inner_text("#scope")
+        assert "In scope" in page.inner_text("#scope") and "dermoscopy photos only" in page.inner_text("#scope")
         assert page.inner_text("#error") == ""
 
         noise = tmp_path / "flower.jpg"  # not a dermoscopy photo: the page says so in words

@@ -110,6 +110,9 @@ def test_every_source_keeps_the_stated_share_where_a_pooled_threshold_would_leav
         assert np.mean(scores[sources == source] <= threshold) >= IN_SCOPE_SHARE
     assert threshold == max(threshold_for_share(scores[sources == s]) for s in ("large", "small"))
     assert threshold_for_sources(scores, np.full(len(scores), "one")) == pooled  # one source: as before
+    # A source of 20 photos cannot leave 1 % out: its furthest photo would be its threshold.
+    tiny = np.r_[scores, rng.normal(0, 1, 19), 50.0]
+    assert threshold_for_sources(tiny, np.r_[sources, ["tiny"] * 20]) == pytest.approx(threshold, rel=0.05)
 
 
 def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_root, tmp_path, capsys):

@@ -152,11 +152,16 @@ def threshold_for_share(scores: np.ndarray, share: float = IN_SCOPE_SHARE) -> fl
 
 
 def threshold_for_sources(scores: np.ndarray, sources: np.ndarray, share: float = IN_SCOPE_SHARE) -> float:
-    """The score below which ``share`` of every source's ``scores`` fall: the largest of the
-    sources' own thresholds. A pooled threshold lets the largest source decide, and a smaller
-    one's photos become the ones left out (and a new clinic's with them: docs/results.md)."""
+    """The score below which ``share`` of all ``scores`` and of every source's fall: the largest of
+    the pooled threshold and the sources' own. A pooled threshold alone lets the largest source
+    decide, and a smaller one's photos become the ones left out (and a new clinic's with them:
+    docs/results.md). A source with too few photos to leave (1 - ``share``) of them out counts
+    in the pooled threshold only: its own would be its single furthest photo."""
     scores, sources = np.asarray(scores), np.asarray(sources)
-    return max(threshold_for_share(scores[sources == source], share) for source in np.unique(sources))
+    enough = int(np.ceil(1 / (1 - share) - 1e-9))
+    return max([threshold_for_share(scores, share)] + [threshold_for_share(scores[sources == source], share)
+                                                       for source in np.unique(sources)
+                                                       if np.sum(sources == source) >= enough])
 
 
 def stage_statistics(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
