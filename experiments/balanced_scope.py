@@ -7,8 +7,9 @@ The check was fitted on training photos drawn at random, so the largest source s
 thresholded at 99 % of the pooled validation photos, so a smaller source's photos could be the
 ones left out. For each child of a finished cross-source validation (a model trained without one
 source), four variants of the default check (distance + colour limit), each judged on the source
-the child never saw (which must stay in scope), the non-dermoscopic skin photos, everyday photos
-and generated pictures:
+the child never saw (which must stay in scope), the non-dermoscopic skin photos, everyday photos,
+generated pictures, and the issue's own two examples (the temple and the flower scikit-learn
+ships, once called malignant at 0.47 and 0.78):
 
 - ``pooled``: as training did before this experiment (random fit photos, 99 % of pooled validation);
 - ``balanced fit``: the same number of fit photos, an equal share from each source;
@@ -25,6 +26,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from sklearn.datasets import load_sample_images
 
 from experiments.learned_scope import FIT_PHOTOS, Inputs, check_inputs, clinic_photos, generated
 from experiments.scope_check import children_to_measure, everyday_photos, scope_arguments
@@ -60,7 +62,9 @@ def main() -> None:
         skin, _, _ = clinic_photos(args.out_of_scope, spec)
         sets = {f"held-out source ({source})": inputs(d.images[held]),
                 "everyday photo": inputs(np.stack([preprocess(p, spec) for p in everyday_photos()])),
-                "generated": inputs(generated(spec, photos, 1)), "skin photos (all 130)": inputs(skin)}
+                "generated": inputs(generated(spec, photos, 1)), "skin photos (all 130)": inputs(skin),
+                **{f"the issue's {name} (scikit-learn's sample photo)": inputs(preprocess(photo, spec)[None])
+                   for name, photo in zip(("temple", "flower"), load_sample_images().images)}}
 
         def score(scope: ScopeModel, x: Inputs) -> np.ndarray:
             return scope(*(torch.from_numpy(a) for a in x)).numpy()

@@ -6,6 +6,7 @@ logged without one says so."""
 import base64
 import csv
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -143,12 +144,21 @@ def test_a_model_given_out_of_scope_pictures_learns_a_boundary_and_says_so(demo_
     assert "mostly stay in scope" not in card
 
 
+def flower_jpeg() -> str:
+    """The issue's flower: the photo scikit-learn ships (sklearn.datasets.load_sample_images)."""
+    import sklearn.datasets
+
+    return base64.b64encode((Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg").read_bytes()).decode()
+
+
 def test_the_served_answer_says_whether_a_photo_is_in_scope(model_uri, demo_root, monkeypatch):
     served = mlflow.pyfunc.load_model(model_uri)
     threshold = served.unwrap_python_model().model.threshold
     frame = pd.DataFrame({"image": [lesion_jpeg(demo_root), noise_jpeg()]})
     out = served.predict(frame)
     assert list(out["scope_check"]) == ["in scope", "out of scope"] and list(out["in_scope"]) == [True, False]
+    flower = served.predict(pd.DataFrame({"image": [flower_jpeg()]}))  # once called malignant at 0.78 (#33)
+    assert list(flower["scope_check"]) == ["out of scope"] and list(flower["label"]) == ["out of scope"]
     assert out["scope_score"][1] > out["scope_score"][0]
     expected = ["malignant" if p >= threshold else "benign" for p in out["malignant_probability"]]
     assert out["label"][0] == expected[0] and out["label"][1] == "out of scope"  # its probability kept
