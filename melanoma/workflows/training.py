@@ -127,7 +127,7 @@ def fit_scope_model(model: torch.nn.Module, spec: PreprocessSpec, data: Prepared
     of (at most ``SCOPE_FIT_PHOTOS``) training photos; with ``negatives`` (model inputs of
     pictures known to be out of scope) it also learns a boundary against them and generated
     pictures; a colour model's check gets a colour limit. Its threshold is set on the validation
-    photos' scores from the engine that will serve it (``set_scope_threshold``)."""
+    photos' scores from the engine that will serve it (``report_model``)."""
     if isinstance(model, torch.nn.ModuleList):
         return None
     chosen = np.sort(np.random.default_rng(seed).permutation(run_data.fit_idx)[:SCOPE_FIT_PHOTOS])
@@ -155,19 +155,14 @@ def outside_features(model: torch.nn.Module, spec: PreprocessSpec, data: Prepare
     return scope_features(model, np.concatenate([negatives, np.stack(made)]), spec, device)
 
 
-def set_scope_threshold(scope: ScopeModel, engine, val_images: np.ndarray, val_sources: np.ndarray) -> None:
-    """The threshold that keeps ``IN_SCOPE_SHARE`` of each source's validation photos in scope,
-    on the scores the serving engine computes (its precision, not the fitting's)."""
-    scope.threshold = threshold_for_sources(engine.outputs(val_images)[1].numpy(), val_sources, IN_SCOPE_SHARE)
-
-
-def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, sets: dict[str, np.ndarray],
+def log_scope_checks(engine, scope: ScopeModel, spec: PreprocessSpec, scores: dict[str, np.ndarray],
                      photos: list[np.ndarray], seed: int) -> None:
-    """The share of each set's photos in scope, and of generated pictures caught, by kind."""
+    """The share of each set's photos in scope (``scores``: the check's scores of each set), and
+    of generated pictures caught, by kind."""
     metrics = {"scope_threshold": scope.threshold, "scope_in_scope_share_target": IN_SCOPE_SHARE,
                **({"scope_colour_limit": float(scope.colour_limit)} if scope.coloured else {})}
-    for name, images in sets.items():
-        metrics[f"{names.SCOPE.format(name)}in_scope"] = float(np.mean(engine.outputs(images)[1].numpy() <= scope.threshold))
+    for name, set_scores in scores.items():
+        metrics[f"{names.SCOPE.format(name)}in_scope"] = float(np.mean(set_scores <= scope.threshold))
     pictures = generated_pictures(np.random.default_rng(seed), photos)
     for kind, images in pictures.items():
         inputs = np.stack([preprocess(image, spec) for image in images])
@@ -256,14 +251,19 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     engine, graph, difference = checked_engine(Scorer(model, spec, cfg.tta, scope),
                                                np.asarray(data.images[val_idx[:256]]), device)
     mlflow.set_tag("scoring_engine", engine.name)
-    if scope is not None:
-        set_scope_threshold(scope, engine, np.asarray(data.images[val_idx]), data.sources[val_idx])
     mlflow.log_metric("onnx_max_probability_difference", difference)
+    scope_scores: dict[str, np.ndarray] = {}  # the check's scores of each set, from the pass that gives its logits
 
-    def logits_of(idx: np.ndarray) -> torch.Tensor:
-        return engine.logits(np.asarray(data.images[idx]))
+    def logits_of(name: str, idx: np.ndarray) -> torch.Tensor:
+        logits, scores = engine.outputs(np.asarray(data.images[idx]))
+        if scores is not None:
+            scope_scores[name] = scores.numpy()
+        return logits
 
-    val_labels, val_logits = data.labels[val_idx], logits_of(val_idx)
+    val_labels, val_logits = data.labels[val_idx], logits_of("val", val_idx)
+    val_sources = data.sources[val_idx]
+    if scope is not None:  # on the scores of the engine that serves the model (its precision, not the fitting's)
+        scope.threshold = threshold_for_sources(scope_scores["val"], val_sources, IN_SCOPE_SHARE)
     calibration = fit_calibration(cfg.calibration, val_logits, val_labels)
     val_probs = calibration.probabilities(val_logits)
     point = operating_point(val_labels, val_probs, rule.validation_sensitivity)
@@ -272,13 +272,13 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     tracking.log_metrics(classification_metrics(val_labels, val_probs), prefix="best_val_")
     sets = {"val": log_set("val", names.VALIDATION, val_labels, val_logits, calibration, point.threshold,
                            groups[val_idx], cfg.bootstrap, cfg.seed)}
-    by_source = source_metrics(val_labels, val_probs, data.sources[val_idx], point.threshold)
+    by_source = source_metrics(val_labels, val_probs, val_sources, point.threshold)
     for source, metrics in by_source.items():
         tracking.log_metrics(metrics, prefix=names.VALIDATION_SOURCE.format(source))
     holdout = None
     if len(run_data.holdout_idx):
         held = run_data.holdout_idx
-        held_logits = logits_of(held)
+        held_logits = logits_of(cfg.holdout_source, held)
         sets[f"holdout {cfg.holdout_source}"] = log_set(
             f"holdout_{cfg.holdout_source}", names.HOLDOUT.format(cfg.holdout_source), data.labels[held], held_logits,
             calibration, point.threshold, groups[held], cfg.bootstrap, cfg.seed)
@@ -286,7 +286,7 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
 
     report_split, report_idx, report_probs = "val", val_idx, val_probs
     if len(test_idx):
-        test_labels, test_logits = data.labels[test_idx], logits_of(test_idx)
+        test_labels, test_logits = data.labels[test_idx], logits_of("test", test_idx)
         report_split, report_idx, report_probs = "test", test_idx, calibration.probabilities(test_logits)
         tracking.log_metrics(classification_metrics(test_labels, report_probs), prefix="test_")
         sets["test"] = log_set("test", names.TEST, test_labels, test_logits, calibration, point.threshold,
@@ -300,12 +300,8 @@ def report_model(model: torch.nn.Module, model_name: str | list[str], run_data: 
     tracking.log_figure(sets_figure({**{f"val: {k}": v for k, v in by_source.items()}, **sets}),
                         "evaluation/operating_point_by_set.png")
     if scope is not None:
-        val_sources = data.sources[val_idx]
-        each_source = {f"val_{s}": val_idx[val_sources == s] for s in np.unique(val_sources)}
-        in_scope = {"val": val_idx, **(each_source if len(each_source) > 1 else {}),
-                    **({cfg.holdout_source: run_data.holdout_idx} if len(run_data.holdout_idx) else {}),
-                    **({"test": test_idx} if len(test_idx) else {})}
-        log_scope_checks(engine, scope, spec, {name: np.asarray(data.images[idx]) for name, idx in in_scope.items()},
+        each_source = {f"val_{s}": scope_scores["val"][val_sources == s] for s in np.unique(val_sources)}
+        log_scope_checks(engine, scope, spec, {**scope_scores, **(each_source if len(each_source) > 1 else {})},
                          [decode_for_model(read_file(data.locations[i], data.paths[i]), spec)
                           for i in val_idx[:8]], cfg.seed)
 
